@@ -104,6 +104,52 @@ def data_render(
     out.print(f"saved {path} ({path.stat().st_size / 1e3:.0f} kB)")
 
 
+# --------------------------------------------------------------------------- train
+@app.command("train")
+def train_cmd(
+    role: str = typer.Argument(..., help="teacher (LiDAR, trained on ground truth) or student (camera+radar, distilled)."),
+    config: str = typer.Option("tiny", help="Preset (tiny | nuscenes_r50), or a ModelConfig/RunConfig JSON file."),
+    dataroot: Path = typer.Option(..., help="nuScenes dataroot to train on."),
+    version: str = typer.Option("v1.0-mini", help="Table folder name."),
+    split: str = typer.Option("mini_train", help="Training split (devkit name, or a name in <version>/splits.json)."),
+    out_dir: Path = typer.Option(..., "--out", help="Run directory: config.json, metrics.jsonl, checkpoints/."),
+    teacher: Optional[Path] = typer.Option(None, help="Teacher checkpoint (student runs that distill)."),
+    distill: Optional[str] = typer.Option(None, help="IMKD levels: none | radar | fused | all (or a+b); default: the config's."),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Override the config's number of optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Per-process batch size (DDP: per rank)."),
+    seed: Optional[int] = typer.Option(None, help="Override the config's seed."),
+    resume: bool = typer.Option(True, help="Continue from RUN/checkpoints/last.safetensors when it exists."),
+) -> None:
+    """Train the LiDAR teacher or the IMKD student. Under torchrun each rank trains a DDP replica."""
+    import os
+    import time
+
+    from imkd_deploy.distill.trainer import resolve_run_config, train
+
+    if role not in ("teacher", "student"):
+        _fail(UserError(f"role must be 'teacher' or 'student', got '{role}'"))
+    if role == "teacher" and teacher is not None:
+        _fail(UserError("--teacher is for student runs (the teacher learns from ground truth)"))
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        run = resolve_run_config(config, distill=distill, max_steps=max_steps, seed=seed, batch_size=batch_size)
+        if role == "teacher":
+            run = run.replace(distill=run.distill.replace(levels="none").to_dict())
+        t0 = time.perf_counter()
+        if rank == 0:
+            console.print(f"train {role}: config {run.model.name}, {run.train.max_steps} steps, batch {run.train.batch_size}, "
+                          f"distill {run.distill.levels} -> {out_dir}")
+        ckpt = train(run, dataroot, out_dir, teacher, role=role, version=version, split=split, resume=resume)
+    except UserError as exc:
+        _fail(exc)
+    if rank == 0:
+        out.print(f"saved {ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.0f} s; "
+                  f"metrics in {out_dir / 'metrics.jsonl'}")
+        nxt = (f"imkd train student --config {config} --dataroot {dataroot} --version {version} --out RUN_STUDENT --teacher {ckpt}"
+               if role == "teacher" else f"imkd eval --checkpoint {ckpt} --dataroot {dataroot} --version {version}")
+        out.print(f"next: {nxt}")
+
+
 # --------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_cmd(
@@ -133,6 +179,109 @@ def eval_cmd(
         out.print_json(json.dumps(metrics))
     else:
         print_metrics(metrics, out)
+
+
+# --------------------------------------------------------------------------- export / infer
+def _print_parity(rows) -> None:
+    for row in rows:
+        colour = "green" if row.passed else "red"
+        out.print(f"[{colour}]{row.line()}[/]")
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Option(..., help="Student checkpoint (.safetensors) from imkd train student."),
+    out_path: Path = typer.Option(..., "--out", help="ONNX file to write, e.g. export/student.onnx (+ .onnx.json sidecar)."),
+    ops: str = typer.Option("plugin", help="plugin: imkd::BEVPool / imkd::IntensityFusion nodes (TensorRT plugins, ORT kernels); onnx: standard ops only (fast ORT CPU path)."),
+    dataroot: Optional[Path] = typer.Option(None, help="Check parity on a real frame of this drive (default: a synthetic nuScenes-like rig)."),
+    version: str = typer.Option("v1.0-mini", help="Table folder name of --dataroot."),
+    atol: float = typer.Option(1e-4, help="Parity tolerance against torch (FP32)."),
+    check: bool = typer.Option(True, help="Run onnx.checker and the torch-vs-ONNX Runtime parity check."),
+) -> None:
+    """Export the student to ONNX with the imkd custom ops, then check it against torch."""
+    from imkd_deploy.export.onnx_export import export_checkpoint
+
+    try:
+        res = export_checkpoint(checkpoint, out_path, ops, dataroot=dataroot, version=version, check=check, atol=atol)
+    except UserError as exc:
+        _fail(exc)
+    _print_parity(res.parity)
+    out.print(f"saved {res.path} ({res.size_bytes / 1e6:.1f} MB, ops={ops}, opset {res.metadata['opset']}) "
+              f"in {res.seconds:.1f} s; metadata {res.sidecar}")
+    if res.parity and not res.passed:
+        console.print("[bold red]parity FAILED[/] against torch")
+        raise typer.Exit(1)
+    out.print(f"\nnext: imkd infer --model {res.path} --dataroot DATAROOT --split mini_val --out results.json --eval"
+              f"\n      imkd calibrate --model {res.path} --set calibration/SET.txt --precision int8")
+
+
+def _print_latency(table: dict, title: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("stage", "min", "p50", "p90", "p99", "mean"):
+        t.add_column(col, justify="right" if col != "stage" else "left")
+    for stage, row in table.items():
+        t.add_row(stage, *(f"{row[k]:.1f}" for k in ("min", "p50", "p90", "p99", "mean")))
+    out.print(t)
+
+
+@app.command("infer")
+def infer_cmd(
+    model: Path = typer.Option(..., help="A student checkpoint (.safetensors, torch), an .onnx (ONNX Runtime) or an .engine (TensorRT)."),
+    dataroot: Path = typer.Option(..., help="nuScenes dataroot of the recorded drive(s)."),
+    version: str = typer.Option("v1.0-mini", help="Table folder name."),
+    split: Optional[str] = typer.Option(None, help="Split to run (e.g. mini_val); default all scenes."),
+    scenes: Optional[str] = typer.Option(None, help="Comma-separated scene names instead of --split."),
+    out_path: Path = typer.Option(Path("results.json"), "--out", help="nuScenes submission JSON (written atomically)."),
+    backend: Optional[str] = typer.Option(None, help="Force a backend: torch | onnxruntime | tensorrt (default: from the file type)."),
+    score_threshold: float = typer.Option(0.1, help="Drop detections scoring below this."),
+    eval_: bool = typer.Option(False, "--eval", help="Score the submission with the nuScenes metrics (needs GT and --split)."),
+    render: Optional[Path] = typer.Option(None, help="Write one PNG per frame into this folder (BEV detections vs GT + cameras)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its journal; the result equals an uninterrupted run."),
+    shard: Optional[str] = typer.Option(None, help="i/n: this process runs every n-th scene; join parts with `imkd infer-merge`. torchrun ranks are used automatically."),
+    max_frames: Optional[int] = typer.Option(None, help="Stop after this many frames (smoke tests)."),
+) -> None:
+    """Run a model over recorded drives: nuScenes submission, latency per stage, optional metrics."""
+    from imkd_deploy.runtime.infer import infer_drive, parse_shard
+
+    try:
+        summary = infer_drive(
+            model, dataroot, version, out_path, split=split,
+            scenes=[s for s in scenes.split(",") if s] if scenes else None, shard=parse_shard(shard),
+            resume=resume, score_threshold=score_threshold, backend=backend, render_dir=render,
+            max_frames=max_frames, console=out,
+        )
+        if eval_:
+            if not split:
+                raise UserError("--eval needs --split (the split whose ground truth scores the submission)")
+            from imkd_deploy.evaluation.nuscenes_metrics import evaluate_submission, print_metrics
+
+            summary.metrics = evaluate_submission(summary.out, dataroot, version, split)
+    except UserError as exc:
+        _fail(exc)
+    _print_latency(summary.latency_ms, f"latency per frame, ms ({summary.backend})")
+    out.print(f"{summary.frames} frames ({summary.resumed} from the journal), {len(summary.skipped)} skipped, "
+              f"{summary.seconds:.1f} s -> {summary.out}")
+    for token, reason in list(summary.skipped.items())[:10]:
+        out.print(f"[yellow]skipped[/] {token}: {reason}")
+    if summary.metrics is not None:
+        print_metrics(summary.metrics, out)
+
+
+@app.command("infer-merge")
+def infer_merge_cmd(
+    parts: list[Path] = typer.Argument(..., help="The OUT.part-i-of-n.json files of a sharded run."),
+    out_path: Path = typer.Option(..., "--out", help="Merged submission JSON."),
+) -> None:
+    """Join the parts of a sharded `imkd infer` run into one submission."""
+    from imkd_deploy.runtime.infer import merge_parts
+
+    try:
+        path = merge_parts(parts, out_path)
+    except UserError as exc:
+        _fail(exc)
+    out.print(f"merged {len(parts)} parts -> {path}")
 
 
 def main() -> None:

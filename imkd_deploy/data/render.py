@@ -1,0 +1,155 @@
+"""`imkd data render`: one frame as a PNG, drawn from what the loader returns.
+
+Everything is drawn from the ``Frame`` (images at half resolution, updated intrinsics,
+camera->key-ego transforms, ego-frame boxes), so a misaligned box here is a loader bug,
+not a plotting one: the picture doubles as a visual check of the geometry.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from imkd_deploy.config import CLASS_NAMES, ModelConfig
+from imkd_deploy.data.frame import Frame
+from imkd_deploy.data.loader import NuScenesDrive, box_corners, invert_rigid, open_nuscenes
+from imkd_deploy.errors import UserError
+
+# Camera panels in the rig's physical layout (front row, back row), as the devkit draws them.
+_LAYOUT = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
+_EDGES = np.array([[0, 1], [1, 2], [2, 3], [3, 0], [4, 5], [5, 6], [6, 7], [7, 4],
+                   [0, 4], [1, 5], [2, 6], [3, 7]])
+_BEV_RANGE_M = 55.0
+_RENDER_WIDTH = 800
+
+
+def _class_colors() -> np.ndarray:
+    import matplotlib
+
+    return np.asarray(matplotlib.colormaps["tab10"](np.arange(len(CLASS_NAMES))))
+
+
+def _render_config(nusc, sample_token: str) -> ModelConfig:
+    """Full-aspect images (no crop), at most _RENDER_WIDTH wide."""
+    sample = nusc.get("sample", sample_token)
+    sd = nusc.get("sample_data", sample["data"]["CAM_FRONT"])
+    w, h = int(sd.get("width") or 1600), int(sd.get("height") or 900)
+    out_w = min(w, _RENDER_WIDTH)
+    out_h = int(round(h * out_w / w))
+    return ModelConfig(image_size=(out_h, out_w), downsample=1, radar_sweeps=3, lidar_sweeps=1)
+
+
+def project_boxes(frame: Frame, cam: int, min_depth: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """GT box edges in camera ``cam``'s pixels, boxes fully in front only: (B, 12, 2, 2) and box indices."""
+    corners = box_corners(frame.gt_boxes[:, :7]) if len(frame.gt_boxes) else np.zeros((0, 8, 3))
+    ego2cam = invert_rigid(frame.cam2ego[cam])
+    xyz = corners @ ego2cam[:3, :3].T + ego2cam[:3, 3]
+    front = (xyz[..., 2] > min_depth).all(axis=1)
+    xyz = xyz[front]
+    uvw = xyz @ frame.intrinsics[cam].T
+    uv = uvw[..., :2] / uvw[..., 2:3]
+    return uv[:, _EDGES], np.nonzero(front)[0]
+
+
+def _draw_camera(ax, frame: Frame, cam: int, colors: np.ndarray) -> None:
+    from matplotlib.collections import LineCollection
+
+    img = frame.images[cam]
+    ax.imshow(img)
+    segments, box_idx = project_boxes(frame, cam)
+    if len(segments):
+        edge_colors = np.repeat(colors[frame.gt_labels[box_idx]], len(_EDGES), axis=0)
+        ax.add_collection(LineCollection(segments.reshape(-1, 2, 2), colors=edge_colors, linewidths=1.0))
+    ax.set_xlim(0, img.shape[1])
+    ax.set_ylim(img.shape[0], 0)
+    ax.set_title(frame.camera_channels[cam], fontsize=9)
+    ax.axis("off")
+
+
+def _draw_bev(ax, frame: Frame, colors: np.ndarray) -> None:
+    from matplotlib.collections import LineCollection
+
+    if frame.lidar_points is not None and len(frame.lidar_points):
+        lp = frame.lidar_points
+        ax.scatter(lp[:, 0], lp[:, 1], c=np.clip(lp[:, 3], 0, 100), cmap="Greys", vmin=-40, vmax=100,
+                   s=0.15, linewidths=0, rasterized=True)
+    rp = frame.radar_points
+    if len(rp):
+        ax.scatter(rp[:, 0], rp[:, 1], c="red", s=5, linewidths=0, label="radar")
+        ax.quiver(rp[:, 0], rp[:, 1], rp[:, 4], rp[:, 5], color="red", angles="xy", scale_units="xy",
+                  scale=1.0, width=0.002)
+    boxes = frame.gt_boxes
+    if len(boxes):
+        bottom = box_corners(boxes[:, :7])[:, :4, :2]
+        outline = np.stack([bottom, np.roll(bottom, -1, axis=1)], axis=2).reshape(-1, 2, 2)
+        box_colors = colors[frame.gt_labels]
+        ax.add_collection(LineCollection(outline, colors=np.repeat(box_colors, 4, axis=0), linewidths=1.0))
+        # Heading: centre to the middle of the front face.
+        front = bottom[:, [0, 1]].mean(axis=1)
+        ax.add_collection(LineCollection(np.stack([boxes[:, :2], front], 1), colors=box_colors, linewidths=1.0))
+        ax.quiver(boxes[:, 0], boxes[:, 1], boxes[:, 7], boxes[:, 8], color=box_colors, angles="xy",
+                  scale_units="xy", scale=1.0, width=0.003)
+    ax.plot([0], [0], marker=(3, 0, -90), color="black", markersize=8)
+    ax.set_xlim(-_BEV_RANGE_M, _BEV_RANGE_M)
+    ax.set_ylim(-_BEV_RANGE_M, _BEV_RANGE_M)
+    ax.set_aspect("equal")
+    ax.set_title("BEV (ego frame, x forward): LiDAR, radar + v_comp, GT + velocity", fontsize=9)
+    ax.tick_params(labelsize=7)
+
+
+def render_frame(frame: Frame, out_png: Path, title: str = "") -> Path:
+    """Draw a loaded frame: 6 cameras with GT boxes and a BEV panel; atomic PNG write."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    colors = _class_colors()
+    fig = plt.figure(figsize=(22, 7.2), dpi=100)
+    grid = fig.add_gridspec(2, 4, width_ratios=[1, 1, 1, 1.05], wspace=0.03, hspace=0.08)
+    order = [frame.camera_channels.index(c) for c in _LAYOUT if c in frame.camera_channels]
+    for slot, cam in enumerate(order):
+        _draw_camera(fig.add_subplot(grid[slot // 3, slot % 3]), frame, cam, colors)
+    bev = fig.add_subplot(grid[:, 3])
+    _draw_bev(bev, frame, colors)
+    present = sorted(set(frame.gt_labels.tolist()))
+    bev.legend(handles=[Line2D([], [], color=colors[i], label=CLASS_NAMES[i]) for i in present],
+               fontsize=7, loc="lower left", ncol=2)
+    text = title or f"{frame.scene_name}  sample {frame.sample_token}"
+    if frame.degraded:
+        text += f"  DEGRADED: {'; '.join(frame.degraded)[:200]}"
+    fig.suptitle(text, fontsize=10, color="darkred" if frame.degraded else "black")
+
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.name}.", suffix=".png", dir=out_png.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.replace(tmp, out_png)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return out_png
+
+
+def render_sample(dataroot, version, out_png: Path, sample_token=None, index=0) -> Path:
+    """Render one sample (by token, else by index over all samples in scene order) to a PNG."""
+    nusc = open_nuscenes(dataroot, version)
+    probe = sample_token or nusc.scene[0]["first_sample_token"]
+    try:
+        cfg = _render_config(nusc, probe)
+    except KeyError:
+        raise UserError(f"sample token '{probe}' is not in {Path(dataroot) / version}") from None
+    drive = NuScenesDrive(dataroot, version, cfg, load_lidar=True)
+    if sample_token is None:
+        if not -len(drive) <= index < len(drive):
+            raise UserError(f"--index {index} is out of range: the drive has {len(drive)} samples")
+        sample_token = drive.sample_tokens[index]
+    return render_frame(drive.frame(sample_token), out_png)

@@ -1,0 +1,225 @@
+"""Camera images: sky, textured ground with lane paint, and shaded class-styled cuboids.
+
+Ground: the camera is level at a fixed height, so the ego-frame ground point behind every
+pixel below the horizon is fixed per camera; each frame only moves those points to the
+global frame and looks the ground raster up (one gather per image).
+
+Objects: each class is drawn as a few sub-cuboids (body, cabin, wheels, rider, ...) with
+horizontal bands (windows, reflective stripes) on their side faces. Faces are back-face
+culled, clipped at the near plane, projected and filled with cv2.fillPoly far-to-near
+(painter's algorithm), shaded by a per-scene sun. Sizes vary per instance, so one image
+cannot tell a small near car from a big far one; shape and colour still tell the class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from imkd_deploy.config import CLASS_NAMES
+from imkd_deploy.data.synth_ground import LABEL_RGB, GroundMap
+
+SKY_TOP, SKY_HORIZON = np.array([95, 140, 205], np.float32), np.array([200, 215, 230], np.float32)
+FOG_RGB = np.array([185, 195, 205], np.float32)
+FOG_DIST = 220.0
+NEAR = 0.15
+GLASS, DARK, SKIN, TROUSERS = (45, 55, 68), (28, 28, 30), (205, 165, 135), (45, 45, 58)
+RED, WHITE = (200, 30, 30), (235, 235, 235)
+
+# Sub-cuboids per class in box-local fractions: x along length [-.5, .5], y along width
+# [-.5, .5], z up [0, 1]; colour None = the instance colour (scaled by ``tint``), and
+# ``bands`` = (z0, z1, rgb) stripes on the vertical faces, in fractions of the part's height.
+_P = {
+    "car": [(-.47, .47, -.5, .5, 0, .22, DARK, 1, ()), (-.5, .5, -.5, .5, .18, .58, None, 1, ()),
+            (-.3, .22, -.45, .45, .58, 1, None, 1, ((.12, .92, GLASS),))],
+    "truck": [(-.5, .5, -.45, .45, 0, .18, DARK, 1, ()), (-.5, .22, -.5, .5, .18, 1, None, 1, ()),
+              (.25, .5, -.5, .5, .18, .78, None, .65, ((.5, .92, GLASS),))],
+    "bus": [(-.48, .48, -.48, .48, 0, .1, DARK, 1, ()), (-.5, .5, -.5, .5, .08, 1, None, 1, ((.45, .85, GLASS),))],
+    "trailer": [(-.5, .5, -.45, .45, 0, .24, DARK, 1, ()), (-.5, .5, -.5, .5, .24, 1, None, 1, ((.06, .11, RED),))],
+    "construction_vehicle": [(-.5, .5, -.5, .5, 0, .16, DARK, 1, ()), (-.5, .25, -.5, .5, .16, .6, None, 1, ()),
+                             (-.45, 0, -.45, .45, .6, 1, None, 1, ((.25, .85, GLASS),)),
+                             (0, .5, -.1, .1, .55, .75, None, .7, ())],
+    "pedestrian": [(-.3, .3, -.3, .3, 0, .48, TROUSERS, 1, ()), (-.5, .5, -.5, .5, .48, .86, None, 1, ()),
+                   (-.25, .25, -.22, .22, .87, 1, SKIN, 1, ())],
+    "motorcycle": [(-.5, .5, -.2, .2, 0, .4, DARK, 1, ()), (-.2, .3, -.3, .3, .38, .58, None, 1.6, ()),
+                   (-.3, .1, -.5, .5, .55, .9, (55, 55, 65), 1, ()), (-.2, 0, -.22, .22, .9, 1, (230, 230, 230), 1, ())],
+    "bicycle": [(-.5, .5, -.12, .12, 0, .55, None, 1, ()), (-.2, .2, -.5, .5, .5, .88, (70, 70, 90), 1, ()),
+                (-.1, .1, -.2, .2, .88, 1, SKIN, 1, ())],
+    "traffic_cone": [(-.5, .5, -.5, .5, 0, .06, DARK, 1, ()), (-.3, .3, -.3, .3, .06, 1, None, 1, ((.45, .65, WHITE),))],
+    "barrier": [(-.5, .5, -.45, .45, 0, .12, (90, 90, 90), 1, ()), (-.5, .5, -.5, .5, .12, 1, None, 1, ((.35, .65, RED),))],
+}
+# Cycles without a rider drop their rider parts (the last two).
+_RIDER_PARTS = {"motorcycle": 2, "bicycle": 2}
+# Faces of a unit cube, corners indexed by bits (x, y, z); vertical faces list bottom, bottom, top, top.
+_FACES = np.array([[0, 2, 6, 4], [1, 3, 7, 5], [0, 1, 5, 4], [2, 3, 7, 6], [0, 1, 3, 2], [4, 6, 7, 5]])
+_FACE_NORMALS = np.array([[-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]], np.float64)
+_VERTICAL = np.array([True, True, True, True, False, False])
+_CUBE = np.array([[(i >> 0) & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)], np.float64)
+
+
+@dataclass
+class CameraView:
+    """Per-camera constants for the ground lookup."""
+
+    k: np.ndarray
+    cam2ego: np.ndarray
+    width: int
+    height: int
+    ground_idx: np.ndarray     # flat pixel indices below the horizon
+    ground_xy: np.ndarray      # (G, 2) ego-frame ground point of those pixels
+    fog: np.ndarray            # (G, 1) fog weight 0..1
+    sky: np.ndarray            # (H*W, 3) sky colour for every pixel
+
+
+def make_view(k: np.ndarray, cam2ego: np.ndarray, width: int, height: int) -> CameraView:
+    v, u = np.mgrid[0:height, 0:width]
+    pix = np.stack([u.ravel() + 0.5, v.ravel() + 0.5, np.ones(u.size)], 0)
+    d = cam2ego[:3, :3] @ (np.linalg.inv(k) @ pix)             # ego-frame ray per pixel
+    down = d[2] < -1e-4
+    t = -cam2ego[2, 3] / d[2, down]
+    xy = cam2ego[:2, 3][:, None] + d[:2, down] * t
+    dist = np.hypot(xy[0] - cam2ego[0, 3], xy[1] - cam2ego[1, 3])
+    elev = d[2] / np.linalg.norm(d, axis=0)
+    w = np.clip(elev / 0.5, 0, 1)[:, None]
+    sky = SKY_HORIZON * (1 - w) + SKY_TOP * w
+    return CameraView(k, cam2ego, width, height, np.nonzero(down)[0], xy.T.copy(),
+                      np.clip(dist / FOG_DIST, 0, 1)[:, None].astype(np.float32) ** 0.7, sky.astype(np.float32))
+
+
+def _ground(view: CameraView, ego2global: np.ndarray, ground: GroundMap) -> np.ndarray:
+    gx = ego2global[0, 0] * view.ground_xy[:, 0] + ego2global[0, 1] * view.ground_xy[:, 1] + ego2global[0, 3]
+    gy = ego2global[1, 0] * view.ground_xy[:, 0] + ego2global[1, 1] * view.ground_xy[:, 1] + ego2global[1, 3]
+    rgb = LABEL_RGB[ground.lookup(gx, gy)]
+    # World-anchored grain (hash of a 25 cm cell), so the texture moves with the ground.
+    ix, iy = np.floor(gx * 4).astype(np.int64), np.floor(gy * 4).astype(np.int64)
+    grain = ((ix * 73856093) ^ (iy * 19349663)) % 17 - 8
+    rgb = rgb + grain[:, None].astype(np.float32)
+    return rgb * (1 - view.fog) + FOG_RGB * view.fog
+
+
+def _part_polygons(boxes: np.ndarray, cls: np.ndarray, colour: np.ndarray, rider: np.ndarray):
+    """3D polygons (ego frame) of every part face and band: corners (F, 4, 3), rgb, normal, parent id."""
+    corners, rgb, normals, parent, order = [], [], [], [], []
+    part_id = 0
+    for name_i, name in enumerate(CLASS_NAMES):
+        sel = np.nonzero(cls == name_i)[0]
+        for p_i, (x0, x1, y0, y1, z0, z1, col, tint, bands) in enumerate(_P[name]):
+            use = sel
+            if name in _RIDER_PARTS and p_i >= len(_P[name]) - _RIDER_PARTS[name]:
+                use = sel[rider[sel]]
+            if not len(use):
+                continue
+            b = boxes[use]
+            lo = np.array([x0, y0, z0])
+            ext = np.array([x1 - x0, y1 - y0, z1 - z0])
+            local = (lo + _CUBE * ext)[None] * b[:, None, [4, 3, 5]]           # (n, 8, 3), x along length
+            local[..., 2] -= b[:, None, 5] / 2
+            c, s = np.cos(b[:, 6])[:, None], np.sin(b[:, 6])[:, None]
+            world = np.stack([c * local[..., 0] - s * local[..., 1] + b[:, None, 0],
+                              s * local[..., 0] + c * local[..., 1] + b[:, None, 1],
+                              local[..., 2] + b[:, None, 2]], -1)
+            fc = world[:, _FACES]                                              # (n, 6, 4, 3)
+            nrm = np.einsum("nij,fj->nfi", np.stack([np.stack([c[:, 0], -s[:, 0], 0 * c[:, 0]], 1),
+                                                     np.stack([s[:, 0], c[:, 0], 0 * c[:, 0]], 1),
+                                                     np.tile([0.0, 0.0, 1.0], (len(b), 1))], 1), _FACE_NORMALS)
+            base = colour[use].astype(np.float32) * tint if col is None else np.tile(np.array(col, np.float32), (len(b), 1))
+            n = len(b)
+            ids = np.arange(part_id, part_id + n)
+            corners.append(fc.reshape(-1, 4, 3))
+            rgb.append(np.repeat(base, 6, 0))
+            normals.append(nrm.reshape(-1, 3))
+            parent.append(np.repeat(ids, 6) * 6 + np.tile(np.arange(6), n))
+            order.append(np.zeros(n * 6))
+            for bi, (f0, f1, bcol) in enumerate(bands):
+                # Bands on the 4 vertical faces: corners 0,1 are bottom, 2,3 top for those faces.
+                vf = fc[:, _VERTICAL]                                          # (n, 4, 4, 3)
+                bot, top = vf[:, :, [0, 1]], vf[:, :, [3, 2]]
+                lo_e, hi_e = bot + (top - bot) * f0, bot + (top - bot) * f1
+                band = np.concatenate([lo_e, hi_e[:, :, ::-1]], 2)                # (n, 4, 4, 3)
+                corners.append(band.reshape(-1, 4, 3))
+                rgb.append(np.tile(np.array(bcol, np.float32), (n * 4, 1)))
+                normals.append(nrm[:, _VERTICAL].reshape(-1, 3))
+                parent.append((np.repeat(ids, 4) * 6 + np.tile(np.nonzero(_VERTICAL)[0], n)))
+                order.append(np.full(n * 4, bi + 1.0))
+            part_id += n
+    if not corners:
+        return np.zeros((0, 4, 3)), np.zeros((0, 3), np.float32), np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0)
+    return (np.concatenate(corners), np.concatenate(rgb), np.concatenate(normals),
+            np.concatenate(parent), np.concatenate(order))
+
+
+def _footprints(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4, 3) ground rectangles 8% larger than each box, just above the ground."""
+    c, s = np.cos(boxes[:, 6])[:, None], np.sin(boxes[:, 6])[:, None]
+    lx = np.array([-0.54, 0.54, 0.54, -0.54])[None] * boxes[:, 4:5]
+    ly = np.array([-0.54, -0.54, 0.54, 0.54])[None] * boxes[:, 3:4]
+    return np.stack([boxes[:, 0:1] + c * lx - s * ly, boxes[:, 1:2] + s * lx + c * ly, np.full_like(lx, 0.01)], -1)
+
+
+def _clip_near(poly: np.ndarray) -> np.ndarray:
+    """Sutherland-Hodgman against z >= NEAR for one small polygon (camera frame)."""
+    out = []
+    n = len(poly)
+    for i in range(n):
+        a, b = poly[i], poly[(i + 1) % n]
+        ina, inb = a[2] >= NEAR, b[2] >= NEAR
+        if ina:
+            out.append(a)
+        if ina != inb:
+            t = (NEAR - a[2]) / (b[2] - a[2])
+            out.append(a + t * (b - a))
+    return np.array(out)
+
+
+def render_camera(view: CameraView, ego2global: np.ndarray, ground: GroundMap, boxes_ego: np.ndarray,
+                  cls: np.ndarray, colour: np.ndarray, rider: np.ndarray, sun_ego: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB image. boxes_ego: (N, 7) x, y, z, w, l, h, yaw in the ego frame."""
+    img = view.sky.copy()
+    img[view.ground_idx] = _ground(view, ego2global, ground)
+    img = np.clip(img, 0, 255).astype(np.uint8).reshape(view.height, view.width, 3)
+
+    ego2cam = np.linalg.inv(view.cam2ego)
+    cam_pos = view.cam2ego[:3, 3]
+    # Only boxes in front of the camera and within fog range can show.
+    rel = (ego2cam[:3, :3] @ boxes_ego[:, :3].T).T + ego2cam[:3, 3]
+    r = 0.5 * np.linalg.norm(boxes_ego[:, 3:6], axis=1)
+    near = (rel[:, 2] > -r) & (np.linalg.norm(rel, axis=1) < FOG_DIST)
+    if not near.any():
+        return img
+    b = boxes_ego[near]
+    corners, rgb, nrm, parent, order = _part_polygons(b, cls[near], colour[near], rider[near])
+    centre = corners.mean(1)
+    facing = ((cam_pos[None] - centre) * nrm).sum(1) > 1e-6
+    shade = 0.5 + 0.5 * np.clip(nrm @ sun_ego, 0, None)
+    shade = shade + 0.12 * (nrm[:, 2] > 0.5)
+    # Painter's order: a face's bands share its depth and are drawn right after it.
+    depth = np.linalg.norm(centre - cam_pos, axis=1)
+    face_depth = np.zeros(parent.max() + 1)
+    base = order == 0
+    face_depth[parent[base]] = depth[base]
+    key_depth = face_depth[parent]
+    idx = np.nonzero(facing)[0]
+    idx = idx[np.lexsort((order[idx], -key_depth[idx]))]
+    cam = np.einsum("ij,fkj->fki", ego2cam[:3, :3], corners[idx]) + ego2cam[:3, 3]
+    cols = np.clip(rgb[idx] * shade[idx, None], 0, 255).astype(np.uint8)
+    # Contact shadows first: a dark footprint under every object grounds it visually.
+    shadow_cam = np.einsum("ij,fkj->fki", ego2cam[:3, :3], _footprints(b)) + ego2cam[:3, 3]
+
+    def draw(poly_cam: np.ndarray, c) -> None:
+        if (poly_cam[:, 2] < NEAR).any():
+            if (poly_cam[:, 2] < NEAR).all():
+                return
+            poly_cam = _clip_near(poly_cam)
+        uv = (view.k @ (poly_cam / poly_cam[:, 2:3]).T).T[:, :2]
+        if (uv[:, 0].max() < 0) or (uv[:, 1].max() < 0) or uv[:, 0].min() > view.width or uv[:, 1].min() > view.height:
+            return
+        pts = np.round(np.clip(uv, -1e5, 1e5) * 16).astype(np.int32)
+        cv2.fillPoly(img, [pts], tuple(int(v) for v in c), cv2.LINE_AA, 4)
+
+    for p in shadow_cam:
+        draw(p, (40, 40, 42))
+    for p, c in zip(cam, cols):
+        draw(p, c)
+    return img

@@ -1,0 +1,136 @@
+"""Frames -> training tensors, and the collate that stacks a batch (geometry included).
+
+One sample is a dict of numpy arrays (cheap to cache and to pickle to DataLoader workers);
+:func:`collate` turns a list of them into torch tensors with batch-offset pillar coordinates
+and a stacked BEVPool geometry. Everything the network sees at inference (images,
+geometry, radar pillars) is produced by :func:`network_inputs`, which the runtime reuses.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from imkd_deploy.config import ModelConfig
+from imkd_deploy.data.frame import Frame
+from imkd_deploy.distill.depth_target import depth_bin_targets
+from imkd_deploy.model.head import build_targets
+from imkd_deploy.model.pillars import LIDAR_SPEC, RADAR_SPEC, batch_pillars, pillarise
+from imkd_deploy.ops.bev_pool import GeometryCache, stack_geometry
+
+_GEOMETRY = GeometryCache(maxsize=32)
+
+
+def normalise_images(images: np.ndarray, cfg: ModelConfig) -> torch.Tensor:
+    """uint8 (..., H, W, 3) RGB -> float32 (..., 3, H, W) normalised with the config's mean/std."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    mean = x.new_tensor(cfg.image_mean)
+    std = x.new_tensor(cfg.image_std)
+    return ((x - mean) / std).movedim(-1, -3).contiguous()
+
+
+def network_inputs(frame: Frame, cfg: ModelConfig, cache: GeometryCache | None = None) -> dict:
+    """The deployed network's per-frame inputs, numpy (images stay uint8 until collate)."""
+    if frame.images.shape[0] != cfg.num_cams or tuple(frame.images.shape[1:3]) != tuple(cfg.image_size):
+        raise ValueError(
+            f"frame {frame.sample_token}: images {frame.images.shape} do not match the model's "
+            f"{cfg.num_cams} cameras at {cfg.image_size}"
+        )
+    geometry = (cache or _GEOMETRY).get(frame.intrinsics, frame.cam2ego, frame.img_aug, cfg)
+    radar_pillars, radar_coords = pillarise(frame.radar_points, cfg.grid, RADAR_SPEC)
+    return {
+        "sample_token": frame.sample_token,
+        "ego2global": frame.ego2global,
+        "images": frame.images,
+        "geometry": geometry,
+        "radar": (radar_pillars, radar_coords),
+    }
+
+
+def training_sample(frame: Frame, cfg: ModelConfig, role: str, cache: GeometryCache | None = None) -> dict:
+    """Network inputs + targets of one frame for ``role`` (teacher needs no images)."""
+    if frame.lidar_points is None:
+        raise ValueError(f"frame {frame.sample_token}: training needs LiDAR (load the drive with load_lidar=True)")
+    boxes, labels = frame.gt_boxes, frame.gt_labels
+    if len(frame.gt_num_pts) == len(boxes) and len(boxes):
+        # the devkit drops boxes without a single LiDAR/radar point; teaching them is noise
+        seen = frame.gt_num_pts > 0
+        boxes, labels = boxes[seen], labels[seen]
+    t = build_targets(boxes, labels, cfg.grid, cfg.num_classes)
+    sample = {"sample_token": frame.sample_token, "ego2global": frame.ego2global,
+              "heatmap": t.heatmap, "index": t.index, "mask": t.mask, "reg": t.reg,
+              "lidar": pillarise(frame.lidar_points, cfg.grid, LIDAR_SPEC)}
+    if role == "student":
+        sample.update(network_inputs(frame, cfg, cache))
+        sample["depth_target"] = depth_bin_targets(frame.lidar_points[:, :3], frame.intrinsics, frame.cam2ego, cfg)
+    return sample
+
+
+class FrameDataset(Dataset):
+    """Wraps a frame source (NuScenesDrive or any list of Frames) for one training role.
+
+    ``cache_size`` keeps that many processed samples in memory: a tiny-config sample is
+    ~0.6 MB (uint8 images), and decoding JPEGs + sweeps dominates a CPU step otherwise."""
+
+    def __init__(self, frames, cfg: ModelConfig, role: str, cache_size: int = 0):
+        if role not in ("teacher", "student"):
+            raise ValueError(f"unknown role '{role}'")
+        self.frames, self.cfg, self.role = frames, cfg, role
+        self.cache_size = cache_size
+        self._cache: OrderedDict[int, dict] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self._cache:
+            return self._cache[i]
+        sample = training_sample(self.frames[i], self.cfg, self.role)
+        if self.cache_size:
+            self._cache[i] = sample
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return sample
+
+
+def collate(samples: list[dict], cfg: ModelConfig) -> dict:
+    """Stack a list of samples (from training_sample or network_inputs) into torch tensors."""
+    batch: dict = {
+        "sample_token": [s["sample_token"] for s in samples],
+        "ego2global": np.stack([s["ego2global"] for s in samples]),
+        "batch_size": len(samples),
+    }
+    if "images" in samples[0]:
+        batch["images"] = normalise_images(np.stack([s["images"] for s in samples]), cfg)
+        geom = stack_geometry([s["geometry"] for s in samples])
+        for name, arr in zip(("ranks_depth", "ranks_feat", "ranks_bev", "interval_starts", "interval_lengths"), geom.arrays()):
+            batch[name] = torch.from_numpy(np.array(arr, dtype=np.int32))
+        rp, rc = batch_pillars([s["radar"] for s in samples], cfg.grid)
+        batch["radar_pillars"], batch["radar_coords"] = torch.from_numpy(rp), torch.from_numpy(rc)
+    if "lidar" in samples[0]:
+        lp, lc = batch_pillars([s["lidar"] for s in samples], cfg.grid)
+        batch["lidar_pillars"], batch["lidar_coords"] = torch.from_numpy(lp), torch.from_numpy(lc)
+    for key in ("heatmap", "index", "mask", "reg", "depth_target"):
+        if key in samples[0]:
+            batch[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
+    return batch
+
+
+STUDENT_INPUTS = ("images", "ranks_depth", "ranks_feat", "ranks_bev", "interval_starts", "interval_lengths",
+                  "radar_pillars", "radar_coords")
+
+
+def student_args(batch: dict, device=None) -> tuple[torch.Tensor, ...]:
+    """The student's forward arguments, in the export signature's order."""
+    return tuple(batch[k].to(device) for k in STUDENT_INPUTS)
+
+
+def teacher_args(batch: dict, device=None) -> tuple:
+    return batch["lidar_pillars"].to(device), batch["lidar_coords"].to(device), batch["batch_size"]
+
+
+def move_targets(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}

@@ -1,0 +1,148 @@
+"""Detection, depth and IMKD distillation losses (formulas: ARCHITECTURE.md, docs/method.md).
+
+Functional losses first (each testable on its own), then :class:`IMKDCriterion`, the module
+that owns the 1x1 adapters and combines the terms with the DistillConfig weights. Every
+distillation term is a weighted mean of squared differences (or a KL), so it is >= 0 and
+exactly 0 when the adapted student equals the teacher.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from imkd_deploy.config import DistillConfig, ModelConfig
+from imkd_deploy.distill.depth_target import IGNORE
+from imkd_deploy.model.head import HEAD_OUTPUTS
+
+# CenterPoint's nuScenes regression weights: velocity is noisier, so it counts less.
+REG_CODE_WEIGHTS = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2)
+REG_WEIGHT = 0.25
+EPS = 1e-6
+
+
+# --------------------------------------------------------------------------- detection
+def gaussian_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
+    """CenterNet focal loss on heatmap logits against a Gaussian target; / number of centres."""
+    logits = logits.float()
+    pred = torch.sigmoid(logits)
+    pos = target.eq(1.0).float()
+    pos_loss = F.logsigmoid(logits) * (1 - pred).pow(alpha) * pos
+    neg_loss = F.logsigmoid(-logits) * pred.pow(alpha) * (1 - target).pow(beta) * (1 - pos)
+    return -(pos_loss.sum() + neg_loss.sum()) / pos.sum().clamp_min(1.0)
+
+
+def gather_regression(out: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """Head maps -> (B, M, 10) predictions at flat cells ``index`` (B, M), HEAD_OUTPUTS order."""
+    maps = torch.cat([out[k] for k in HEAD_OUTPUTS], dim=1).float()
+    b, c = maps.shape[:2]
+    flat = maps.view(b, c, -1)
+    return flat.gather(2, index[:, None, :].expand(b, c, index.shape[1])).transpose(1, 2)
+
+
+def regression_l1(out: dict[str, torch.Tensor], index: torch.Tensor, mask: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+    pred = gather_regression(out, index)
+    w = pred.new_tensor(REG_CODE_WEIGHTS)
+    err = (pred - reg).abs() * w * mask[..., None]
+    return err.sum() / mask.sum().clamp_min(1.0)
+
+
+def detection_loss(out: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+    return {
+        "heatmap": gaussian_focal_loss(out["heatmap"], batch["heatmap"]),
+        "reg": REG_WEIGHT * regression_l1(out, batch["index"], batch["mask"], batch["reg"]),
+    }
+
+
+def depth_loss(depth_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, N, D, fH, fW) logits vs (B, N, fH, fW) bin indices; cells
+    without LiDAR (IGNORE) do not count. 0 when no cell has a target."""
+    d = depth_logits.shape[2]
+    logits = depth_logits.float().permute(0, 1, 3, 4, 2).reshape(-1, d)
+    target = target.reshape(-1)
+    valid = target != IGNORE
+    ce = F.cross_entropy(logits, target.clamp_min(0), reduction="none")
+    return (ce * valid).sum() / valid.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------- distillation
+def weighted_feature_mse(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_c w(c) * mean_ch (s - t)^2 / sum_c w(c). Mean over channels keeps the scale
+    independent of the channel count, so one weight works for tiny and nuscenes_r50."""
+    err = (student.float() - teacher.float()).pow(2).mean(dim=1, keepdim=True)
+    return (weight * err).sum() / weight.sum().clamp_min(EPS)
+
+
+def radar_distill_loss(adapted_radar: torch.Tensor, lidar_bev: torch.Tensor, lidar_intensity: torch.Tensor,
+                       radar_occupancy: torch.Tensor, lambda_on: float, lambda_off: float) -> torch.Tensor:
+    """Level 1: w_r(c) = I_L(c) * (lambda_on if radar hits c else lambda_off)."""
+    w = lidar_intensity * (lambda_on * radar_occupancy + lambda_off * (1.0 - radar_occupancy))
+    return weighted_feature_mse(adapted_radar, lidar_bev, w.detach())
+
+
+def teacher_activation(feature: torch.Tensor) -> torch.Tensor:
+    """mean_channels |F_T|, normalised to [0, 1] per sample: (B, 1, ny, nx)."""
+    act = feature.float().abs().mean(dim=1, keepdim=True)
+    return act / act.amax(dim=(2, 3), keepdim=True).clamp_min(EPS)
+
+
+def fused_distill_loss(adapted_fused: torch.Tensor, teacher_feature: torch.Tensor, gt_heatmap: torch.Tensor,
+                       heatmap_eps: float) -> torch.Tensor:
+    """Level 2: w_f(c) = norm(mean_ch |F_T(c)|) * max(H(c), eps), H = GT heatmap max over classes."""
+    h = gt_heatmap.amax(dim=1, keepdim=True)
+    w = teacher_activation(teacher_feature) * h.clamp_min(heatmap_eps)
+    return weighted_feature_mse(adapted_fused, teacher_feature, w.detach())
+
+
+def response_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per-cell binary KL(teacher || student) of the class heatmaps, averaged over cells."""
+    s, t = student_logits.float(), teacher_logits.float()
+    p_t = torch.sigmoid(t)
+    kl = p_t * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p_t) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    return kl.mean()
+
+
+class IMKDCriterion(nn.Module):
+    """All training losses of one role, with the distillation adapters (trained, not exported).
+
+    Adapters exist only for enabled levels, so DDP never sees unused parameters."""
+
+    def __init__(self, cfg: ModelConfig, distill: DistillConfig, role: str, teacher_cfg: ModelConfig | None = None):
+        super().__init__()
+        teacher_cfg = teacher_cfg or cfg
+        self.role = role
+        self.distill = distill
+        student = role == "student"
+        self.use_radar = student and distill.enabled("radar") and distill.w_radar > 0
+        self.use_fused = student and distill.enabled("fused") and distill.w_fused > 0
+        self.use_resp = student and distill.enabled("resp") and distill.w_resp > 0
+        self.radar_adapter = nn.Conv2d(cfg.radar_channels, teacher_cfg.lidar_channels, 1) if self.use_radar else None
+        self.fused_adapter = nn.Conv2d(cfg.fused_channels, teacher_cfg.bev_encoder_channels, 1) if self.use_fused else None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.use_radar or self.use_fused or self.use_resp
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict, teacher: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        d = self.distill
+        terms = detection_loss(out, batch)
+        weights = {"heatmap": 1.0, "reg": 1.0}
+        if self.role == "student":
+            terms["depth"] = depth_loss(out["depth_logits"], batch["depth_target"])
+            weights["depth"] = d.w_depth
+        if self.needs_teacher and teacher is None:
+            raise ValueError("distillation levels are enabled but no teacher outputs were given")
+        if self.use_radar:
+            terms["radar_kd"] = radar_distill_loss(self.radar_adapter(out["radar_bev"]), teacher["lidar_bev"],
+                                                   teacher["lidar_intensity"], out["radar_occupancy"], d.lambda_on, d.lambda_off)
+            weights["radar_kd"] = d.w_radar
+        if self.use_fused:
+            terms["fused_kd"] = fused_distill_loss(self.fused_adapter(out["fused"]), teacher["feature"],
+                                                   batch["heatmap"], d.heatmap_eps)
+            weights["fused_kd"] = d.w_fused
+        if self.use_resp:
+            terms["resp_kd"] = response_distill_loss(out["heatmap"], teacher["heatmap"])
+            weights["resp_kd"] = d.w_resp
+        terms["total"] = sum(weights[k] * v for k, v in terms.items())
+        return terms

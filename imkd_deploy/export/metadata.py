@@ -1,0 +1,75 @@
+"""Export metadata: one dict, stored twice (JSON sidecar + ONNX metadata_props).
+
+The runtime, the calibrator and the engine builder read it back to rebuild the geometry,
+normalise images and decode outputs without the checkpoint; hashes tie every later
+artifact (INT8 model, engine) to the exact weights it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from imkd_deploy.errors import UserError
+
+METADATA_KEY = "imkd"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sidecar_path(onnx_path: Path) -> Path:
+    return Path(str(onnx_path) + ".json")
+
+
+def embed(model_proto, meta: dict[str, Any]) -> None:
+    """Put ``meta`` into an onnx.ModelProto's metadata_props (replacing an older imkd entry)."""
+    keep = [p for p in model_proto.metadata_props if p.key != METADATA_KEY]
+    del model_proto.metadata_props[:]
+    model_proto.metadata_props.extend(keep)
+    entry = model_proto.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = json.dumps(meta, sort_keys=True)
+
+
+def read_metadata(onnx_path: Path) -> dict[str, Any]:
+    """The imkd metadata of an exported model: the sidecar if present, else metadata_props."""
+    onnx_path = Path(onnx_path)
+    side = sidecar_path(onnx_path)
+    if side.is_file():
+        try:
+            return json.loads(side.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{side} is not valid JSON ({exc}); re-run imkd export") from None
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError / google.protobuf errors
+        raise UserError(f"{onnx_path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    raise UserError(f"{onnx_path} carries no imkd metadata (was it written by imkd export?)")

@@ -1,0 +1,118 @@
+"""Detection, depth and IMKD losses: signs, zeros at equality, weighting, depth targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from imkd_deploy.config import BEVGrid, DistillConfig, tiny
+from imkd_deploy.distill.depth_target import IGNORE, depth_bin_targets
+from imkd_deploy.distill.losses import (IMKDCriterion, depth_loss, fused_distill_loss, gaussian_focal_loss,
+                                        radar_distill_loss, regression_l1, response_distill_loss)
+from imkd_deploy.model.head import build_targets
+from imkd_deploy.ops.bev_pool import example_rig
+
+B, NY, NX = 2, 16, 16
+
+
+def _maps(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return lambda *shape: torch.randn(*shape, generator=g)
+
+
+def test_distillation_losses_nonnegative_and_zero_at_equality():
+    r = _maps(0)
+    student, teacher = r(B, 8, NY, NX), r(B, 8, NY, NX)
+    i_l = torch.rand(B, 1, NY, NX)
+    occ = (torch.rand(B, 1, NY, NX) > 0.7).float()
+    heat = torch.rand(B, 10, NY, NX)
+    assert radar_distill_loss(student, teacher, i_l, occ, 1.0, 0.2) > 0
+    assert radar_distill_loss(teacher, teacher, i_l, occ, 1.0, 0.2) == 0
+    assert fused_distill_loss(student, teacher, heat, 0.05) > 0
+    assert fused_distill_loss(teacher, teacher, heat, 0.05) == 0
+    logits_s, logits_t = r(B, 10, NY, NX), r(B, 10, NY, NX)
+    assert response_distill_loss(logits_s, logits_t) > 0
+    assert response_distill_loss(logits_t, logits_t) == 0
+
+
+def test_radar_distill_weights_follow_lidar_intensity_and_radar_hits():
+    teacher = torch.zeros(1, 4, 1, 3)
+    student = torch.ones(1, 4, 1, 3) * torch.tensor([1.0, 2.0, 3.0]).view(1, 1, 1, 3)   # squared errors 1, 4, 9
+    i_l = torch.tensor([1.0, 1.0, 0.0]).view(1, 1, 1, 3)       # the third cell has no LiDAR: ignored
+    occ = torch.tensor([1.0, 0.0, 0.0]).view(1, 1, 1, 3)       # radar hits only the first
+    loss = radar_distill_loss(student, teacher, i_l, occ, lambda_on=1.0, lambda_off=0.25)
+    assert float(loss) == pytest.approx((1.0 * 1 + 0.25 * 4) / 1.25)
+
+
+def test_criterion_distillation_terms_vanish_when_adapted_student_equals_teacher():
+    cfg = tiny().replace(radar_channels=8, lidar_channels=8, fused_channels=12, bev_encoder_channels=12)
+    crit = IMKDCriterion(cfg, DistillConfig(levels="all", w_resp=1.0), "student")
+    with torch.no_grad():   # identity adapters: "student equals teacher after the adapters"
+        for adapter in (crit.radar_adapter, crit.fused_adapter):
+            adapter.weight.copy_(torch.eye(adapter.weight.shape[0])[:, :, None, None])
+            adapter.bias.zero_()
+    r = _maps(1)
+    grid = cfg.grid
+    feats = {"lidar_bev": r(1, 8, grid.ny, grid.nx), "feature": r(1, 12, grid.ny, grid.nx), "heatmap": r(1, 10, grid.ny, grid.nx)}
+    t = build_targets(np.array([[1.0, 2.0, 0.0, 2.0, 4.0, 1.5, 0.3, 1.0, 0.0]]), np.array([0]), grid, 10)
+    batch = {k: torch.from_numpy(getattr(t, k))[None] for k in ("heatmap", "index", "mask", "reg")}
+    batch["depth_target"] = torch.full((1, 6, 6, 16), IGNORE)
+    teacher = dict(feats, lidar_intensity=torch.rand(1, 1, grid.ny, grid.nx))
+    student = {"heatmap": feats["heatmap"], "radar_bev": feats["lidar_bev"], "fused": feats["feature"],
+               "radar_occupancy": torch.zeros(1, 1, grid.ny, grid.nx), "depth_logits": r(1, 6, 28, 6, 16),
+               **{k: r(1, c, grid.ny, grid.nx) for k, c in (("offset", 2), ("height", 1), ("dims", 3), ("rot", 2), ("vel", 2))}}
+    terms = crit(student, batch, teacher)
+    assert terms["radar_kd"] == 0 and terms["fused_kd"] == 0 and terms["resp_kd"] == 0
+    assert terms["depth"] == 0          # every depth cell ignored
+    assert terms["heatmap"] > 0 and terms["reg"] > 0
+    # a different student makes every distillation term positive
+    student2 = dict(student, radar_bev=r(1, 8, grid.ny, grid.nx), fused=r(1, 12, grid.ny, grid.nx), heatmap=r(1, 10, grid.ny, grid.nx))
+    terms2 = crit(student2, batch, teacher)
+    assert min(terms2["radar_kd"], terms2["fused_kd"], terms2["resp_kd"]) > 0
+    assert float(terms2["total"].detach()) == pytest.approx(float(sum(terms2[k].detach() for k in terms2 if k != "total")), rel=1e-6)
+
+
+def test_ablation_levels_select_terms():
+    cfg = tiny()
+    assert IMKDCriterion(cfg, DistillConfig(levels="none"), "student").needs_teacher is False
+    radar_only = IMKDCriterion(cfg, DistillConfig(levels="radar"), "student")
+    assert radar_only.radar_adapter is not None and radar_only.fused_adapter is None
+    assert IMKDCriterion(cfg, DistillConfig(levels="all"), "teacher").needs_teacher is False
+
+
+def test_focal_and_regression_losses_prefer_the_truth():
+    grid = BEVGrid((-8.0, 8.0), (-8.0, 8.0), (-5.0, 3.0), 1.0)
+    t = build_targets(np.array([[0.5, 0.5, 0.0, 2.0, 4.0, 1.5, 0.3, 1.0, 0.0]]), np.array([2]), grid, 10)
+    target = torch.from_numpy(t.heatmap)[None]
+    good = torch.logit(target.clamp(1e-4, 1 - 1e-4))
+    assert gaussian_focal_loss(good, target) < 0.1 < 10.0 < gaussian_focal_loss(torch.zeros_like(good), target)
+    maps = {k: torch.zeros(1, c, grid.ny, grid.nx) for k, c in (("offset", 2), ("height", 1), ("dims", 3), ("rot", 2), ("vel", 2))}
+    index, mask, reg = (torch.from_numpy(x)[None] for x in (t.index, t.mask, t.reg))
+    iy, ix = divmod(int(t.index[0]), grid.nx)
+    before = regression_l1(maps, index, mask, reg)
+    start = 0
+    for k, c in (("offset", 2), ("height", 1), ("dims", 3), ("rot", 2), ("vel", 2)):
+        maps[k][0, :, iy, ix] = reg[0, 0, start:start + c]
+        start += c
+    assert before > 0 and regression_l1(maps, index, mask, reg) == 0
+
+
+def test_depth_targets_nearest_point_and_bins():
+    cfg = tiny()
+    intr, c2e, _ = example_rig(cfg)
+    fh, fw = cfg.feature_size
+    # two points on CAM_FRONT's optical axis (ego +x from its mount) at 10 m and 20 m: the nearer one wins
+    mount = c2e[0, :3, 3]
+    pts = np.array([mount + [10.0, 0, 0], mount + [20.0, 0, 0], mount + [-100.0, 0, 0]])
+    target = depth_bin_targets(pts, intr, c2e, cfg)
+    lo, _, step = cfg.depth_bins
+    u, v = intr[0, 0, 2], intr[0, 1, 2]
+    row, col = int(np.floor((v + 0.5) / cfg.downsample)), int(np.floor((u + 0.5) / cfg.downsample))
+    assert target.shape == (cfg.num_cams, fh, fw)
+    assert target[0, row, col] == int((10.0 - lo) // step)
+    assert (target != IGNORE).sum() == 1     # the back point is beyond the back camera's max depth
+    logits = torch.full((1, cfg.num_cams, cfg.num_depth_bins, fh, fw), -20.0)
+    logits[0, 0, target[0, row, col], row, col] = 20.0
+    assert depth_loss(logits, torch.from_numpy(target)[None]) < 1e-6
+    assert depth_loss(torch.zeros_like(logits), torch.from_numpy(target)[None]) == pytest.approx(np.log(cfg.num_depth_bins), rel=1e-5)

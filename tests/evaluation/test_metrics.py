@@ -1,0 +1,125 @@
+"""nuScenes metrics wrapper: golden values on ground truth, and the devkit's traps."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import shutil
+
+import pytest
+from rich.console import Console
+
+from imkd_deploy.errors import UserError
+from imkd_deploy.evaluation.nuscenes_metrics import evaluate_submission, gt_submission, print_metrics
+
+VERSION = "v1.0-mini"
+
+
+@pytest.fixture(scope="module")
+def drive(tmp_path_factory):
+    from imkd_deploy.data.synth import SynthConfig, write_drive
+
+    root = tmp_path_factory.mktemp("metrics") / "nus"
+    write_drive(root, SynthConfig(version=VERSION, num_scenes=3, samples_per_scene=6, image_width=400,
+                                  image_height=225, seed=0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def gt(drive):
+    return gt_submission(drive, VERSION, "mini_val")
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_ground_truth_as_submission_scores_perfectly(drive, gt, tmp_path):
+    # History of the expected value: 2026-11 first version, synthetic drive seed 0 -> 1.0 / 1.0.
+    m = evaluate_submission(_write(tmp_path / "gt.json", gt), drive, VERSION, "mini_val")
+    assert m["mean_ap"] >= 0.99 and m["nd_score"] >= 0.99
+    assert all(ap >= 0.99 for ap in m["mean_dist_aps"].values()), m["mean_dist_aps"]  # all 10 classes present
+    assert m["tp_errors"]["trans_err"] < 1e-6 and m["num_pred_boxes"] == m["num_gt_boxes"] > 0
+    on_disk = json.loads((tmp_path / "gt_eval" / "metrics_summary.json").read_text())
+    assert on_disk["nd_score"] == pytest.approx(m["nd_score"])
+    assert not list((tmp_path / "gt_eval").glob(".*"))  # no temp files left behind
+
+
+def test_shifted_boxes_give_the_expected_errors(drive, gt, tmp_path):
+    # Every box 1 m off in x: ATE is exactly 1 m; matches only at the 2 m and 4 m thresholds
+    # (the devkit matches strictly below the threshold), so every class AP is about 0.5.
+    shifted = copy.deepcopy(gt)
+    for boxes in shifted["results"].values():
+        for b in boxes:
+            b["translation"][0] += 1.0
+    m = evaluate_submission(_write(tmp_path / "shift.json", shifted), drive, VERSION, "mini_val")
+    assert m["tp_errors"]["trans_err"] == pytest.approx(1.0, abs=1e-3)
+    assert 0.4 < m["mean_ap"] < 0.6
+    assert m["tp_errors"]["scale_err"] < 1e-6
+
+
+def test_zero_boxes_give_zero_metrics(drive, gt, tmp_path):
+    empty = {"meta": gt["meta"], "results": {t: [] for t in gt["results"]}}
+    m = evaluate_submission(_write(tmp_path / "empty.json", empty), drive, VERSION, "mini_val")
+    assert m["mean_ap"] == 0 and m["nd_score"] == 0 and m["num_pred_boxes"] == 0
+    assert all(v == 1.0 for v in m["tp_errors"].values())
+
+
+def test_missing_tokens_are_a_user_error(drive, gt, tmp_path):
+    partial = copy.deepcopy(gt)
+    dropped = sorted(partial["results"])[:2]
+    for t in dropped:
+        del partial["results"][t]
+    with pytest.raises(UserError, match=rf"2 of the {len(gt['results'])} samples.*e\.g\. ({'|'.join(dropped)})"):
+        evaluate_submission(_write(tmp_path / "partial.json", partial), drive, VERSION, "mini_val")
+
+
+def test_extra_tokens_are_ignored(drive, gt, tmp_path):
+    train = gt_submission(drive, VERSION, "mini_train")
+    both = {"meta": gt["meta"], "results": {**gt["results"], **train["results"]}}
+    m = evaluate_submission(_write(tmp_path / "both.json", both), drive, VERSION, "mini_val")
+    assert m["mean_ap"] >= 0.99 and m["num_samples"] == len(gt["results"])
+
+
+def test_wrong_version_bad_json_and_bad_boxes_are_user_errors(drive, gt, tmp_path):
+    good = _write(tmp_path / "gt.json", gt)
+    with pytest.raises(UserError, match="trainval"):
+        evaluate_submission(good, drive, VERSION, "val")
+    with pytest.raises(UserError, match="v1.0-trainval"):
+        evaluate_submission(good, drive, "v1.0-trainval", "val")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"results": {')
+    with pytest.raises(UserError, match="bad.json is not valid JSON"):
+        evaluate_submission(bad, drive, VERSION, "mini_val")
+    wrong_class = copy.deepcopy(gt)
+    next(b for boxes in wrong_class["results"].values() for b in boxes)["detection_name"] = "tram"
+    with pytest.raises(UserError, match="tram"):
+        evaluate_submission(_write(tmp_path / "tram.json", wrong_class), drive, VERSION, "mini_val")
+
+
+def test_custom_version_split_named_like_a_devkit_split(drive, gt, tmp_path):
+    """'val' from splits.json on a custom version is scored on its scenes, not refused."""
+    custom = tmp_path / "nus"
+    custom.mkdir()
+    for entry in drive.iterdir():
+        if entry.name != VERSION:
+            os.symlink(entry, custom / entry.name)
+    shutil.copytree(drive / VERSION, custom / "v1.0-synth")
+    (custom / "v1.0-synth" / "splits.json").write_text(json.dumps({"val": ["scene-0103", "scene-0916"]}))
+    m = evaluate_submission(_write(tmp_path / "gt.json", gt), custom, "v1.0-synth", "val")
+    assert m["mean_ap"] >= 0.99 and m["num_samples"] == len(gt["results"])
+
+
+def test_print_metrics_uses_the_devkit_layout(drive, gt, tmp_path):
+    m = evaluate_submission(_write(tmp_path / "gt.json", gt), drive, VERSION, "mini_val")
+    buf = io.StringIO()
+    print_metrics(m, Console(file=buf, width=200))
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == f"mAP: {m['mean_ap']:.4f}"
+    assert [ln.split(":")[0] for ln in lines[1:8]] == ["mATE", "mASE", "mAOE", "mAVE", "mAAE", "NDS", "Eval time"]
+    header = lines.index("Per-class results:") + 1
+    assert lines[header].split() == ["Object", "Class", "AP", "ATE", "ASE", "AOE", "AVE", "AAE"]
+    assert lines[header + 1].split()[0] == "car" and len(lines) == header + 11

@@ -1,0 +1,126 @@
+"""Both imkd ops through torch.onnx.export(dynamo=True) in both ops modes, run by ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from imkd_deploy.config import tiny
+from imkd_deploy.errors import UserError
+from imkd_deploy.ops import onnx_translation_table, register_ort_kernels
+from imkd_deploy.ops.bev_pool import bev_pool, compute_geometry, example_rig, stack_geometry
+from imkd_deploy.ops.intensity_fusion import IntensityFusion
+
+CFG = tiny().replace(context_channels=6)
+RADAR_CH = 4
+INPUT_NAMES = ["depth", "feat", "ranks_depth", "ranks_feat", "ranks_bev", "interval_starts",
+               "interval_lengths", "radar", "intensity"]
+
+
+class PoolAndFuse(torch.nn.Module):
+    """BEVPool then IntensityFusion, the way the student uses them."""
+
+    def __init__(self):
+        super().__init__()
+        self.bev_hw = (CFG.grid.ny, CFG.grid.nx)
+        self.fuse = IntensityFusion(CFG.context_channels, RADAR_CH, 5)
+
+    def forward(self, depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths, radar, intensity):
+        cam = bev_pool(depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths, self.bev_hw)
+        return self.fuse(cam, radar, intensity)
+
+
+def _rig(yaw_deg):
+    intr, c2e, aug = example_rig(CFG)
+    c, s = np.cos(np.deg2rad(yaw_deg)), np.sin(np.deg2rad(yaw_deg))
+    turn = np.array([[c, -s, 0, 0.7], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    return intr, turn @ c2e, aug
+
+
+def _inputs(geom, seed):
+    gen = torch.Generator().manual_seed(seed)
+    b = geom.batch_size
+    fh, fw = CFG.feature_size
+    ny, nx = geom.bev_hw
+    depth = torch.rand(b, CFG.num_cams, CFG.num_depth_bins, fh, fw, generator=gen).softmax(2)
+    feat = torch.randn(b, CFG.num_cams, fh, fw, CFG.context_channels, generator=gen)
+    radar = torch.randn(b, RADAR_CH, ny, nx, generator=gen)
+    intensity = torch.rand(b, 1, ny, nx, generator=gen)
+    return (depth, feat, *geom.to_torch(), radar, intensity)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = PoolAndFuse().eval()
+    args = _inputs(compute_geometry(*_rig(0.0), CFG), seed=0)
+    batch, points, cells = torch.export.Dim("B"), torch.export.Dim("P"), torch.export.Dim("K")
+    dyn = dict(zip(INPUT_NAMES, [{0: batch}, {0: batch}, {0: points}, {0: points}, {0: points},
+                                 {0: cells}, {0: cells}, {0: batch}, {0: batch}]))
+    paths = {}
+    for mode in ("plugin", "onnx"):
+        path = tmp_path_factory.mktemp("onnx") / f"pool_fuse_{mode}.onnx"
+        program = torch.onnx.export(model, args, dynamo=True, input_names=INPUT_NAMES, dynamic_shapes=dyn,
+                                    custom_translation_table=onnx_translation_table(mode), verbose=False)
+        program.save(str(path))
+        paths[mode] = path
+    return model, paths
+
+
+def _session(path, mode):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    if mode == "plugin":
+        register_ort_kernels(opts)
+        register_ort_kernels(opts)  # idempotent: a second registration must not break the session
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def test_plugin_graph_has_imkd_nodes_with_plugin_attributes(exported):
+    _, paths = exported
+    model = onnx.load(str(paths["plugin"]))
+    onnx.checker.check_model(model, full_check=False)
+    imkd = {n.op_type: n for n in model.graph.node if n.domain == "imkd"}
+    assert set(imkd) == {"BEVPool", "IntensityFusion"}
+    for node in imkd.values():
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["plugin_namespace"] == b"imkd" and attrs["plugin_version"] == b"1"
+    pool_attrs = {a.name: onnx.helper.get_attribute_value(a) for a in imkd["BEVPool"].attribute}
+    assert (pool_attrs["ny"], pool_attrs["nx"]) == (CFG.grid.ny, CFG.grid.nx)
+    assert any(o.domain == "imkd" for o in model.opset_import)
+
+
+def test_onnx_mode_uses_standard_ops_only(exported):
+    _, paths = exported
+    model = onnx.load(str(paths["onnx"]))
+    onnx.checker.check_model(model, full_check=True)
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    scatters = [n for n in model.graph.node if n.op_type == "ScatterND"]
+    assert len(scatters) == 1
+    assert onnx.helper.get_attribute_value(scatters[0].attribute[0]) == b"add"
+    assert {"Conv", "Sigmoid", "Sub"} <= {n.op_type for n in model.graph.node}
+
+
+@pytest.mark.parametrize("mode", ["plugin", "onnx"])
+def test_ort_matches_torch_on_other_geometries(exported, mode):
+    model, paths = exported
+    sess = _session(paths[mode], mode)
+    g_a = compute_geometry(*_rig(23.0), CFG)
+    g_b = compute_geometry(*_rig(-40.0), CFG)
+    g_export = compute_geometry(*_rig(0.0), CFG)
+    assert len({g_a.num_points, g_b.num_points, g_export.num_points}) == 3  # really other lengths
+    for geom, seed in ((g_a, 1), (stack_geometry([g_a, g_b]), 2)):
+        args = _inputs(geom, seed)
+        with torch.no_grad():
+            expected = model(*args).numpy()
+        (got,) = sess.run(None, {name: a.numpy() for name, a in zip(INPUT_NAMES, args)})
+        assert got.shape == expected.shape == (geom.batch_size, 5, CFG.grid.ny, CFG.grid.nx)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_unknown_mode_is_a_user_error():
+    with pytest.raises(UserError, match="plugin\\|onnx"):
+        onnx_translation_table("trt")
