@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 
 from imkd_deploy.errors import UserError
 
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 app = typer.Typer(
     name="imkd",
@@ -282,6 +283,219 @@ def infer_merge_cmd(
     except UserError as exc:
         _fail(exc)
     out.print(f"merged {len(parts)} parts -> {path}")
+
+
+# --------------------------------------------------------------------------- bench
+@app.command("bench")
+def bench_cmd(
+    dataroot: Path = typer.Option(..., help="Drive whose frames every backend runs."),
+    version: str = typer.Option("v1.0-mini", help="Table folder name."),
+    split: Optional[str] = typer.Option(None, help="Split to take frames from (default: all scenes)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Student checkpoint: the torch FP32 reference."),
+    onnx_model: Optional[Path] = typer.Option(None, "--onnx", help="FP32 ONNX (ONNX Runtime)."),
+    int8: Optional[Path] = typer.Option(None, help="INT8 Q/DQ ONNX from imkd calibrate (ONNX Runtime)."),
+    fp16: Optional[Path] = typer.Option(None, help="FP16 ONNX from imkd calibrate (ONNX Runtime)."),
+    engine: Optional[Path] = typer.Option(None, help="TensorRT engine (needs a GPU)."),
+    backends: Optional[str] = typer.Option(None, help="Comma-separated subset to run: torch,onnxruntime,onnxruntime-int8,onnxruntime-fp16,tensorrt."),
+    frames: int = typer.Option(8, min=1, help="Frames per round."),
+    rounds: int = typer.Option(3, min=1, help="Rounds over the frames (backends interleaved A B A B)."),
+    warmup: int = typer.Option(2, min=0, help="Warm-up calls per backend before timing."),
+    log_path: Path = typer.Option(Path("benchmarks/bench_log.jsonl"), "--log", help="JSON lines log the result is appended to."),
+    gate: Optional[Path] = typer.Option(None, help="benchmarks/baselines.json: fail (exit 1) when a latency ratio regresses beyond its margin."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Latency of every backend on the same frames, side by side, with ratios against torch FP32."""
+    from rich.table import Table
+
+    from imkd_deploy.runtime.bench import append_log, check_gate, run_bench
+
+    given = {"torch": checkpoint, "onnxruntime": onnx_model, "onnxruntime-int8": int8,
+             "onnxruntime-fp16": fp16, "tensorrt": engine}
+    wanted = [b.strip() for b in backends.split(",")] if backends else [k for k, v in given.items() if v]
+    unknown = [b for b in wanted if b not in given]
+    try:
+        if unknown:
+            import difflib
+
+            hint = difflib.get_close_matches(unknown[0], list(given), n=1)
+            raise UserError(f"unknown backend '{unknown[0]}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                            + f"; choose from {', '.join(given)}")
+        missing = [b for b in wanted if not given[b]]
+        if missing:
+            raise UserError(f"backend {missing[0]} needs its model: pass --{ {'torch': 'checkpoint', 'onnxruntime': 'onnx', 'onnxruntime-int8': 'int8', 'onnxruntime-fp16': 'fp16', 'tensorrt': 'engine'}[missing[0]]}")
+        models = {b: given[b] for b in wanted}
+        from imkd_deploy.data.loader import NuScenesDrive
+        from imkd_deploy.runtime.pipeline import Pipeline
+
+        cfg = Pipeline.from_model(next(iter(models.values())), backend="torch" if wanted[0] == "torch" else None).cfg
+        drive = NuScenesDrive(dataroot, version, cfg, split=split)
+        picks = sorted({int(i) for i in np.linspace(0, len(drive) - 1, min(frames, len(drive)))})
+        frame_list = [drive[i] for i in picks]
+        result = run_bench(models, frame_list, warmup=warmup, rounds=rounds, console=out)
+        if gate is not None:
+            result.gate = check_gate(result, gate)
+        append_log(result, log_path)
+    except UserError as exc:
+        _fail(exc)
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+    else:
+        t = Table(title=f"latency, ms (p50; {result.frames} frames x {result.rounds} rounds, interleaved)")
+        for col in ("backend", "preprocess", "network", "decode", "total", "p90 total", "x torch (total)", "runtime share"):
+            t.add_column(col, justify="right" if col != "backend" else "left")
+        for label, stats in result.latency.items():
+            t.add_row(label, *(f"{stats[s]['p50']:.1f}" for s in ("preprocess", "network", "decode", "total")),
+                      f"{stats['total']['p90']:.1f}", f"{result.ratios[label]['total']:.2f}",
+                      f"{result.shares[label]['runtime_overhead']:.0%}")
+        out.print(t)
+        if "bevpool_of_network" in result.shares.get("torch", {}):
+            out.print(f"BEVPool share of the torch network: {result.shares['torch']['bevpool_of_network']:.1%}")
+        for w in result.warnings:
+            out.print(f"[yellow]warning:[/] {w}")
+        out.print(f"appended to {log_path}")
+    if result.gate is not None:
+        for row in result.gate["rows"]:
+            m = "n/a" if row["measured"] is None else f"{row['measured']:.3f}"
+            colour = {"PASSED": "green", "FAILED": "red"}.get(row["status"], "yellow")
+            out.print(f"[{colour}]{row['status']}[/] | gate '{row['name']}' | measured {m} | baseline {row['ratio']:.3f} + {row['margin']:.0%}")
+        if not result.gate["passed"]:
+            raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- calibrate / build-engine
+calibrate_app = typer.Typer(
+    help="INT8 Q/DQ or FP16 ONNX from an FP32 export: `imkd calibrate --model M.onnx --set S --precision int8 --dataroot D`; "
+         "`imkd calibrate make-set` writes the calibration-set manifest.",
+    invoke_without_command=True,
+)
+app.add_typer(calibrate_app, name="calibrate")
+
+
+def _model_config_of(onnx_path: Path):
+    from imkd_deploy.config import ModelConfig
+    from imkd_deploy.export.metadata import read_metadata
+
+    return ModelConfig.from_dict(read_metadata(onnx_path)["config"])
+
+
+def run_calibration(model: Path, set_path: Optional[Path], precision: str, out_path: Optional[Path],
+                    dataroot: Optional[Path], method: str, sensitivity_target: Optional[float]):
+    from imkd_deploy.calibration.calib_set import read_manifest
+    from imkd_deploy.calibration.calibrate import calibrate
+    from imkd_deploy.calibration.quantize import QuantizeSettings
+
+    if precision not in ("int8", "fp16"):
+        raise UserError(f"--precision must be int8 or fp16, got '{precision}'")
+    if not Path(model).is_file():
+        raise UserError(f"model {model} does not exist")
+    out_path = out_path or Path(model).with_name(f"{Path(model).stem}.{precision}.onnx")
+    feeds = None
+    if precision == "int8":
+        if set_path is None:
+            raise UserError("--precision int8 needs --set calibration/NAME.txt (make one with `imkd calibrate make-set`)")
+        if dataroot is None:
+            raise UserError("--precision int8 reads the calibration frames: give --dataroot")
+        from imkd_deploy.calibration.feeds import frame_feeds
+
+        feeds = frame_feeds(dataroot, read_manifest(set_path), _model_config_of(model))
+    return calibrate(model, set_path, precision, out_path, feeds=feeds, settings=QuantizeSettings(method=method),
+                     sensitivity_target=sensitivity_target)
+
+
+@calibrate_app.callback()
+def calibrate_cmd(
+    ctx: typer.Context,
+    model: Optional[Path] = typer.Option(None, help="FP32 ONNX from imkd export (--ops onnx for TensorRT-RTX / CPU)."),
+    set_path: Optional[Path] = typer.Option(None, "--set", help="Calibration manifest (INT8)."),
+    precision: str = typer.Option("int8", help="int8: Q/DQ ONNX (symmetric int8 activations, per-channel weights); fp16: mixed precision."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Output ONNX (default: MODEL.int8.onnx / MODEL.fp16.onnx beside the model)."),
+    dataroot: Optional[Path] = typer.Option(None, help="Drive holding the calibration frames (INT8)."),
+    method: str = typer.Option("entropy", help="Activation range method: entropy | percentile | minmax."),
+    sensitivity_target: Optional[float] = typer.Option(None, help="Run the sensitivity pass: keep layers FP32, worst first, until the relative output error is below this (e.g. 0.02)."),
+) -> None:
+    """Reduced-precision ONNX from a calibration set (cached by model, set and settings)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if model is None:
+        out.print(ctx.get_help())
+        raise typer.Exit(2)
+    try:
+        res = run_calibration(model, set_path, precision, out_path, dataroot, method, sensitivity_target)
+    except UserError as exc:
+        _fail(exc)
+    out.print(res.summary())
+
+
+@calibrate_app.command("make-set")
+def calibrate_make_set(
+    dataroot: Path = typer.Option(..., help="Drive to draw frames from."),
+    version: str = typer.Option("v1.0-mini", help="Table folder name."),
+    split: str = typer.Option("mini_train", help="Split to draw from (never the split you evaluate on)."),
+    n: int = typer.Option(300, min=1, help="Frames; INT8 wants >= 100."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Manifest path (default calibration/<split>_<n>.txt)."),
+) -> None:
+    """Write a calibration-set manifest, stratified across scenes and over time."""
+    from imkd_deploy.calibration.calib_set import make_set, samples_by_scene
+
+    try:
+        cset = make_set(samples_by_scene(dataroot, version, split), n, version, split)
+        path = out_path or Path("calibration") / f"{split}_{len(cset)}.txt"
+        cset.write(path)
+    except UserError as exc:
+        _fail(exc)
+    for w in cset.warnings:
+        out.print(f"[yellow]warning:[/] {w}")
+    out.print(f"saved {path}: {len(cset)} frames from {len(cset.scenes)} scenes (sha256 {cset.sha256[:12]})")
+    out.print(f"\nnext: imkd calibrate --model export/MODEL.onnx --set {path} --dataroot {dataroot} --precision int8")
+
+
+@app.command("build-engine")
+def build_engine_cmd(
+    model: Path = typer.Option(..., help="ONNX to build (FP32, or the INT8/FP16 ONNX from imkd calibrate)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Engine path (default engines/<model>.engine); the sidecar is <engine>.json."),
+    backend: str = typer.Option("tensorrt-rtx", help="tensorrt (NVIDIA TensorRT >= 10, on the target GPU) | tensorrt-rtx (builds ahead of time, no GPU needed)."),
+    int8: bool = typer.Option(False, "--int8", help="Calibrate to INT8 Q/DQ first (or reuse the matching cache), then build."),
+    set_path: Optional[Path] = typer.Option(None, "--set", help="Calibration manifest (with --int8; also sets the dynamic-shape profiles)."),
+    dataroot: Optional[Path] = typer.Option(None, help="Drive holding the calibration frames."),
+    precision: Optional[str] = typer.Option(None, help="fp16: convert to mixed-precision FP16 first; default: what the ONNX carries."),
+    profile: Optional[list[str]] = typer.Option(None, help="NAME:min:opt:max dims, e.g. ranks_bev:1000:40000:90000 (repeatable). Default: from --set statistics."),
+    workspace_mb: int = typer.Option(1024, help="Builder workspace limit, MiB."),
+    compute_capability: Optional[list[str]] = typer.Option(None, help="TensorRT-RTX target(s), e.g. 8.6 (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Parse only: op coverage and which nodes need plugins."),
+) -> None:
+    """Build a TensorRT / TensorRT-RTX engine with a JSON sidecar (flavour, version, hashes, profiles)."""
+    from imkd_deploy.engines.builder import BuildSettings, build_engine, dry_run as dry_run_fn, parse_profile
+
+    try:
+        profiles = dict(parse_profile(p) for p in (profile or []))
+        source = model
+        if precision not in (None, "fp32", "fp16", "int8"):
+            raise UserError(f"--precision must be fp32 | fp16 | int8, got '{precision}'")
+        if int8 or precision == "int8":
+            res = run_calibration(model, set_path, "int8", None, dataroot, "entropy", None)
+            out.print(res.report)
+            source = res.out_path
+        elif precision == "fp16":
+            res = run_calibration(model, None, "fp16", None, None, "entropy", None)
+            source = res.out_path
+        if not profiles and set_path is not None and dataroot is not None:
+            from imkd_deploy.calibration.calib_set import read_manifest
+            from imkd_deploy.calibration.feeds import frame_feeds
+            from imkd_deploy.engines.profiles import profiles_from_feeds
+
+            cset = read_manifest(set_path)
+            feed = frame_feeds(dataroot, cset, _model_config_of(model))
+            profiles = profiles_from_feeds(feed(e) for e in cset.entries[:64])
+        settings = BuildSettings(backend=backend, workspace_mb=workspace_mb, profiles=profiles,
+                                 compute_capabilities=tuple(compute_capability or ()), calibration_set=set_path)
+        if dry_run:
+            out.print(dry_run_fn(source, settings).summary())
+            return
+        engine_path = out_path or Path("engines") / f"{Path(source).stem.replace('.', '_')}.engine"
+        result = build_engine(source, engine_path, settings)
+    except UserError as exc:
+        _fail(exc)
+    out.print(result.summary())
 
 
 def main() -> None:

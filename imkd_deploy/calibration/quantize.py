@@ -16,6 +16,8 @@ exporter's scope metadata intact, which the exclusion lists rely on).
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import json
 import logging
 import os
@@ -189,17 +191,22 @@ def compute_ranges(model_path: Path, feeds: Iterable[Feed], settings: QuantizeSe
     calibrater = cls(str(model_path), list(settings.op_types), str(Path(workdir) / "augmented.onnx"), **kwargs)
     calibrater.augment_graph()
     calibrater.create_inference_session()
-    reader = FeedReader(feeds)
     t0 = time.perf_counter()
     log.info("calibrating (%s) ...", settings.method)
-    try:
-        calibrater.collect_data(reader)
-    except Exception as exc:
-        raise UserError(f"calibration run failed on frame {reader.seen} of {model_path.name}: {exc}") from exc
-    if reader.seen == 0:
+    seen = 0
+    # One frame per collect_data call: ORT stacks a call's frames per tensor, which breaks on
+    # tensors whose length varies by frame (radar pillars); its collectors merge across calls.
+    for feed in feeds:
+        seen += 1
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):   # ORT prints a line per call
+                calibrater.collect_data(FeedReader([feed]))
+        except Exception as exc:
+            raise UserError(f"calibration run failed on frame {seen} of {model_path.name}: {exc}") from exc
+    if seen == 0:
         raise UserError("calibration data reader yielded no frames")
     ranges = calibrater.compute_data()
-    log.info("calibrated on %d frames in %.1f s", reader.seen, time.perf_counter() - t0)
+    log.info("calibrated on %d frames in %.1f s", seen, time.perf_counter() - t0)
     return ranges
 
 

@@ -80,8 +80,9 @@ def apply_resize_crop(image: np.ndarray, plan: ResizeCrop) -> np.ndarray:
     if (w, h) != plan.src_size:
         raise ValueError(f"image is {w}x{h}, plan was made for {plan.src_size[0]}x{plan.src_size[1]}")
     rw, rh = plan.resized_size
-    shrinking = rw <= w and rh <= h
-    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    # Bilinear aliases little down to half size and is ~3x faster than INTER_AREA; both map
+    # pixel centres the same way, so the transform does not depend on the choice.
+    interp = cv2.INTER_AREA if rw < 0.5 * w or rh < 0.5 * h else cv2.INTER_LINEAR
     resized = image if (rw, rh) == (w, h) else cv2.resize(image, (rw, rh), interpolation=interp)
     (left, top), (ow, oh) = plan.crop, plan.out_size
     return np.ascontiguousarray(resized[top:top + oh, left:left + ow])

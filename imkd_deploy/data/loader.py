@@ -197,10 +197,13 @@ def split_sample_tokens(nusc, dataroot: str | Path, version: str, split: str | N
         if unknown:
             raise UserError(f"scene(s) {unknown[:3]} not in {Path(dataroot) / version} "
                             f"({len(by_name)} scenes, e.g. {next(iter(by_name), 'none')})")
-        wanted = [s for s in wanted if s in set(scenes)] if split is not None else list(scenes)
-    present = [s for s in by_name if s in set(wanted)]  # table order, as the devkit iterates
+        chosen = set(scenes)
+        wanted = [s for s in wanted if s in chosen]
+    wanted_set = set(wanted)
+    present = [s for s in by_name if s in wanted_set]  # table order, as the devkit iterates
     if not present:
-        raise UserError(f"none of the {len(wanted)} scenes of split '{split}' are in {Path(dataroot) / version}"
+        what = f"split '{split}'" + (" restricted to the given scenes" if scenes is not None else "")
+        raise UserError(f"none of the {len(wanted)} scenes of {what} are in {Path(dataroot) / version}"
                         f" (it has {', '.join(list(by_name)[:4])}{'...' if len(by_name) > 4 else ''})")
     return [t for name in present for t in scene_sample_tokens(nusc, by_name[name])]
 
@@ -225,11 +228,7 @@ class NuScenesDrive:
         self.camera_channels = tuple(CAMERA_CHANNELS[: model_cfg.num_cams])
         self.nusc = open_nuscenes(self.dataroot, version)
         self.sample_tokens: list[str] = split_sample_tokens(self.nusc, self.dataroot, version, split, scenes)
-        self._token_set = set(self.sample_tokens)
-        self._sensor2ego: dict[str, np.ndarray] = {}
-        self._intrinsics: dict[str, np.ndarray] = {}
-        self._ego2global: dict[str, np.ndarray] = {}
-        self._gt: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._calib: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         if verbose:
             log.info("%s %s split=%s: %d samples, %d radar / %d lidar sweeps, images %s",
                      self.dataroot, version, split, len(self.sample_tokens), model_cfg.radar_sweeps,
@@ -241,20 +240,21 @@ class NuScenesDrive:
     def __getitem__(self, i: int) -> Frame:
         return self.frame(self.sample_tokens[i])
 
-    # ---- cached geometry
-    def _sensor_pose(self, cs_token: str) -> np.ndarray:
-        if cs_token not in self._sensor2ego:
+    # ---- geometry (calibration cached per rig; ego poses are cheap and far too many to keep)
+    def _calibration(self, cs_token: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(sensor -> ego 4x4, camera intrinsics or None) of a calibrated_sensor record."""
+        if cs_token not in self._calib:
             cs = self.nusc.get("calibrated_sensor", cs_token)
-            self._sensor2ego[cs_token] = pose_matrix(cs["translation"], cs["rotation"])
-            if cs.get("camera_intrinsic"):
-                self._intrinsics[cs_token] = np.asarray(cs["camera_intrinsic"], dtype=np.float64)
-        return self._sensor2ego[cs_token]
+            k = np.asarray(cs["camera_intrinsic"], dtype=np.float64) if cs.get("camera_intrinsic") else None
+            self._calib[cs_token] = (pose_matrix(cs["translation"], cs["rotation"]), k)
+        return self._calib[cs_token]
+
+    def _sensor_pose(self, cs_token: str) -> np.ndarray:
+        return self._calibration(cs_token)[0]
 
     def _ego_pose(self, pose_token: str) -> np.ndarray:
-        if pose_token not in self._ego2global:
-            rec = self.nusc.get("ego_pose", pose_token)
-            self._ego2global[pose_token] = pose_matrix(rec["translation"], rec["rotation"])
-        return self._ego2global[pose_token]
+        rec = self.nusc.get("ego_pose", pose_token)
+        return pose_matrix(rec["translation"], rec["rotation"])
 
     def _key_from_sensor(self, sd: dict, global2key: np.ndarray) -> np.ndarray:
         """sensor -> its own ego pose -> global -> the key ego frame."""
@@ -290,7 +290,7 @@ class NuScenesDrive:
         images, intrinsics, cam2ego, img_aug = self._cameras(sample, global2key, problem)
         radar = self._radar(sample, global2key, key_time, problem)
         lidar = self._lidar(sample, global2key, key_time, problem) if self.load_lidar else None
-        boxes, labels, num_pts = self._ground_truth(sample, global2key)
+        boxes, labels, num_pts = ground_truth_boxes(self.nusc, sample, global2key)
         return Frame(
             sample_token=sample_token,
             scene_name=self.nusc.get("scene", sample["scene_token"])["name"],
@@ -310,8 +310,11 @@ class NuScenesDrive:
             if channel not in sample["data"]:
                 raise UserError(f"sample {sample['token']} has no {channel} sample_data")
             sd = self.nusc.get("sample_data", sample["data"][channel])
-            # The camera fires at its own time, so it goes through its OWN ego pose (BEVDepth style).
-            cam2ego[i] = self._key_from_sensor(sd, global2key)
+            # The rig's static calibration, not the camera's own ego pose: BEVPool's index arrays
+            # are then computed once per rig and cached (ARCHITECTURE.md), as deployed BEVDet/
+            # BEVFusion stacks do. The cost is the ego motion between the camera's and the key
+            # LiDAR's timestamps (tens of ms), which the network absorbs like calibration noise.
+            cam2ego[i] = self._sensor_pose(sd["calibrated_sensor_token"])
             orig_size = (int(sd.get("width") or 0), int(sd.get("height") or 0))
             path = self.dataroot / sd["filename"]
             try:
@@ -321,7 +324,10 @@ class NuScenesDrive:
                 if orig_size[0] <= 0:
                     orig_size = (out_hw[1], out_hw[0])
                 images[i], img_aug[i] = placeholder_image(orig_size, out_hw)
-            intrinsics[i] = img_aug[i] @ self._intrinsics[sd["calibrated_sensor_token"]]
+            k = self._calibration(sd["calibrated_sensor_token"])[1]
+            if k is None:
+                raise UserError(f"{channel} calibrated_sensor {sd['calibrated_sensor_token']} has no camera_intrinsic")
+            intrinsics[i] = img_aug[i] @ k
         return images, intrinsics, cam2ego, img_aug
 
     def _radar(self, sample: dict, global2key: np.ndarray, key_time: int, problem) -> np.ndarray:
@@ -356,13 +362,6 @@ class NuScenesDrive:
             dt = (key_time - sd["timestamp"]) * 1e-6
             chunks.append(lidar_sweep_points(pts, self._key_from_sensor(sd, global2key), dt))
         return np.concatenate(chunks) if chunks else np.zeros((0, LIDAR_POINT_DIM), np.float32)
-
-    def _ground_truth(self, sample: dict, global2key: np.ndarray):
-        token = sample["token"]
-        if token not in self._gt:
-            self._gt[token] = ground_truth_boxes(self.nusc, sample, global2key)
-        boxes, labels, num_pts = self._gt[token]
-        return boxes.copy(), labels.copy(), num_pts.copy()
 
 
 def ground_truth_boxes(nusc, sample: dict, global2key: np.ndarray):

@@ -15,6 +15,7 @@ chain), with two differences that matter for a moving ego and moving objects:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +50,21 @@ class RadarFilters:
     def keep_all(cls) -> "RadarFilters":
         return cls(tuple(range(18)), tuple(range(8)), tuple(range(5)))
 
+    @functools.cached_property
+    def _tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # The states are single bytes: a 256-entry lookup beats np.isin on ~100-point sweeps.
+        def table(allowed):
+            lut = np.zeros(256, bool)
+            lut[np.asarray(allowed, dtype=np.int64) % 256] = True
+            return lut
+        return table(self.invalid_states), table(self.dynprop_states), table(self.ambig_states)
+
     def mask(self, points: np.ndarray) -> np.ndarray:
         """Boolean keep-mask over a structured radar array."""
-        return (np.isin(points["invalid_state"], self.invalid_states)
-                & np.isin(points["dyn_prop"], self.dynprop_states)
-                & np.isin(points["ambig_state"], self.ambig_states))
+        invalid, dynprop, ambig = self._tables
+        return (invalid[points["invalid_state"].astype(np.int64) % 256]
+                & dynprop[points["dyn_prop"].astype(np.int64) % 256]
+                & ambig[points["ambig_state"].astype(np.int64) % 256])
 
 
 @dataclass

@@ -26,10 +26,16 @@ _BEV_RANGE_M = 55.0
 _RENDER_WIDTH = 800
 
 
-def _class_colors() -> np.ndarray:
-    import matplotlib
+# One colour per class in CLASS_NAMES order; pure red is kept for radar returns.
+_CLASS_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#8c564b", "#9467bd",
+                 "#17becf", "#e377c2", "#bcbd22", "#ffbf00", "#7f7f7f")
+_RADAR_COLOR = "#ff0000"
 
-    return np.asarray(matplotlib.colormaps["tab10"](np.arange(len(CLASS_NAMES))))
+
+def _class_colors() -> np.ndarray:
+    from matplotlib.colors import to_rgba_array
+
+    return to_rgba_array(_CLASS_COLORS)
 
 
 def _render_config(nusc, sample_token: str) -> ModelConfig:
@@ -74,13 +80,13 @@ def _draw_bev(ax, frame: Frame, colors: np.ndarray) -> None:
 
     if frame.lidar_points is not None and len(frame.lidar_points):
         lp = frame.lidar_points
-        ax.scatter(lp[:, 0], lp[:, 1], c=np.clip(lp[:, 3], 0, 100), cmap="Greys", vmin=-40, vmax=100,
-                   s=0.15, linewidths=0, rasterized=True)
+        ax.scatter(lp[:, 0], lp[:, 1], c=np.clip(lp[:, 3], 0, 100), cmap="Greys", vmin=-60, vmax=100,
+                   s=0.6, linewidths=0, rasterized=True)
     rp = frame.radar_points
     if len(rp):
-        ax.scatter(rp[:, 0], rp[:, 1], c="red", s=5, linewidths=0, label="radar")
-        ax.quiver(rp[:, 0], rp[:, 1], rp[:, 4], rp[:, 5], color="red", angles="xy", scale_units="xy",
-                  scale=1.0, width=0.002)
+        ax.scatter(rp[:, 0], rp[:, 1], c=_RADAR_COLOR, s=6, linewidths=0, zorder=3)
+        ax.quiver(rp[:, 0], rp[:, 1], rp[:, 4], rp[:, 5], color=_RADAR_COLOR, angles="xy", scale_units="xy",
+                  scale=1.0, width=0.002, zorder=3)
     boxes = frame.gt_boxes
     if len(boxes):
         bottom = box_corners(boxes[:, :7])[:, :4, :2]

@@ -22,11 +22,14 @@ The dataroot appears atomically: it is written into ``OUT.tmp-*`` and renamed at
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +37,7 @@ import numpy as np
 
 from imkd_deploy.config import CAMERA_CHANNELS, CLASS_NAMES, LIDAR_CHANNEL, RADAR_CHANNELS
 from imkd_deploy.data import synth_tables as T
-from imkd_deploy.data.synth_camera import make_view, render_camera
+from imkd_deploy.data.synth_camera import CameraView, make_view, render_camera
 from imkd_deploy.data.synth_ground import LABEL_INTENSITY, GroundMap, rasterise_road
 from imkd_deploy.data.synth_lidar import cast_lidar
 from imkd_deploy.data.synth_radar import simulate_radar
@@ -65,6 +68,7 @@ class SynthConfig:
     radar_sweeps: int = 6             # per radar per key interval, key included (6 = 12 Hz)
     object_density: float = 1.0       # scales the per-100 m object counts
     jpeg_quality: int = 90
+    workers: int = 0                  # scene-parallel processes; 0 = auto (one per core for big drives), 1 = in process
 
     def validate(self) -> None:
         if self.num_scenes < 1:
@@ -75,6 +79,8 @@ class SynthConfig:
             raise UserError(f"image size must be at least 32x32, got {self.image_width}x{self.image_height}")
         if self.lidar_sweeps < 1 or self.radar_sweeps < 1:
             raise UserError("lidar_sweeps and radar_sweeps must be >= 1 (the key frame counts)")
+        if self.workers < 0:
+            raise UserError(f"workers must be >= 0 (0 = one per CPU core), got {self.workers}")
         if self.is_mini and self.num_scenes > len(MINI_SCENE_ORDER):
             raise UserError(f"version {self.version!r} has the devkit's {len(MINI_SCENE_ORDER)} mini scene names; "
                             f"asked for {self.num_scenes} scenes. Use a custom version (e.g. v1.0-synth) for more.")
@@ -137,7 +143,7 @@ def write_drive(out_dir: Path, config: SynthConfig | None = None) -> SynthSummar
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        tables, counts = _write_all(tmp, cfg)
+        tables = _write_all(tmp, cfg)
         T.write_tables(tmp / cfg.version, tables)
         if not cfg.is_mini:
             (tmp / cfg.version / "splits.json").write_text(json.dumps(cfg.splits(), indent=1))
@@ -150,41 +156,83 @@ def write_drive(out_dir: Path, config: SynthConfig | None = None) -> SynthSummar
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return _summarise(out_dir, cfg, tables, files, size, time.perf_counter() - start)
+
+
+def _summarise(out_dir: Path, cfg: SynthConfig, tables: dict[str, list[dict]], files: int, size: int,
+               seconds: float) -> SynthSummary:
+    channel = {s["token"]: s["channel"] for s in tables["sensor"]}
+    calib = {c["token"]: channel[c["sensor_token"]] for c in tables["calibrated_sensor"]}
     per_channel = {ch: 0 for ch in (LIDAR_CHANNEL, *RADAR_CHANNELS, *CAMERA_CHANNELS)}
     for sd in tables["sample_data"]:
-        per_channel[counts["channel_of"][sd["calibrated_sensor_token"]]] += 1
+        per_channel[calib[sd["calibrated_sensor_token"]]] += 1
+    category = {c["token"]: c["name"] for c in tables["category"]}
+    instance_cat = {i["token"]: category[i["category_token"]] for i in tables["instance"]}
+    det_name = {v: k for k, v in CATEGORY.items()}
+    annotations = {c: 0 for c in CLASS_NAMES}
+    for a in tables["sample_annotation"]:
+        annotations[det_name[instance_cat[a["instance_token"]]]] += 1
     return SynthSummary(out_dir, cfg.version, len(tables["scene"]), len(tables["sample"]), per_channel,
-                        counts["annotations"], files, size, time.perf_counter() - start, cfg.splits())
+                        annotations, files, size, seconds, cfg.splits())
 
 
-def _write_all(root: Path, cfg: SynthConfig) -> tuple[dict[str, list[dict]], dict]:
+def _write_all(root: Path, cfg: SynthConfig) -> dict[str, list[dict]]:
+    """Write every scene (in worker processes when asked) and merge their rows in scene order."""
     tables: dict[str, list[dict]] = {name: [] for name in T.TABLES}
     tables.update(T.static_tables(cfg.seed))
-    rig = build_rig(cfg.image_width, cfg.image_height)
-    sensor_tokens = {ch: T.token(cfg.seed, "sensor", ch) for ch in rig}
-    tables["sensor"] = [{"token": sensor_tokens[ch], "channel": ch, "modality": s.modality} for ch, s in rig.items()]
-    for ch in rig:
+    tables["sensor"] = [{"token": T.token(cfg.seed, "sensor", ch), "channel": ch, "modality": s.modality}
+                        for ch, s in build_rig(cfg.image_width, cfg.image_height).items()]
+    for ch in (LIDAR_CHANNEL, *RADAR_CHANNELS, *CAMERA_CHANNELS):
         (root / "samples" / ch).mkdir(parents=True)
         (root / "sweeps" / ch).mkdir(parents=True)
     (root / "maps").mkdir()
-    views = {ch: make_view(rig[ch].intrinsic, rig[ch].to_ego(), cfg.image_width, cfg.image_height) for ch in CAMERA_CHANNELS}
-    counts = {"annotations": {c: 0 for c in CLASS_NAMES}, "channel_of": {}}
-    for i, name in enumerate(cfg.scene_names()):
-        SceneWriter(root, cfg, i, name, rig, sensor_tokens, views, tables, counts).write()
-    return tables, counts
+    jobs = [(root, cfg, i, name) for i, name in enumerate(cfg.scene_names())]
+    # Auto: small drives stay in process (starting workers costs ~1 s each); big ones use every core.
+    big = cfg.num_scenes * cfg.samples_per_scene >= 60
+    workers = cfg.workers or (min(os.cpu_count() or 1, len(jobs)) if big else 1)
+    if workers <= 1 or len(jobs) == 1:
+        results = [_write_scene(job) for job in jobs]
+    else:
+        # spawn, not fork: the caller may hold threads (torch, BLAS) that fork would break.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            results = list(pool.map(_write_scene, jobs))
+    for scene_tables in results:
+        for name, rows in scene_tables.items():
+            tables[name].extend(rows)
+    return tables
+
+
+@functools.lru_cache(maxsize=2)
+def _rig_and_views(width: int, height: int) -> tuple[dict[str, Sensor], dict[str, CameraView]]:
+    rig = build_rig(width, height)
+    return rig, {ch: make_view(rig[ch].intrinsic, rig[ch].to_ego(), width, height) for ch in CAMERA_CHANNELS}
+
+
+def _write_scene(job: tuple[Path, SynthConfig, int, str]) -> dict[str, list[dict]]:
+    root, cfg, index, name = job
+    rig, views = _rig_and_views(cfg.image_width, cfg.image_height)
+    tables: dict[str, list[dict]] = {t: [] for t in T.TABLES if t not in ("attribute", "category", "visibility", "sensor")}
+    SceneWriter(root, cfg, index, name, rig, views, tables).write()
+    return tables
+
+
+def build_scene(cfg: SynthConfig, index: int) -> tuple[World, GroundMap, np.random.Generator]:
+    """Scene ``index``'s world and ground raster, and its generator for further draws."""
+    rng = np.random.default_rng([cfg.seed, index])
+    world = make_world(rng, (cfg.samples_per_scene - 1) * KEY_PERIOD, cfg.object_density)
+    return world, rasterise_road(world.road, rng), rng
 
 
 class SceneWriter:
     """Generates one scene's world and writes its sensor files and table rows."""
 
     def __init__(self, root: Path, cfg: SynthConfig, index: int, name: str, rig: dict[str, Sensor],
-                 sensor_tokens: dict[str, str], views: dict, tables: dict[str, list[dict]], counts: dict):
+                 views: dict[str, CameraView], tables: dict[str, list[dict]]):
         self.root, self.cfg, self.index, self.name, self.rig = root, cfg, index, name, rig
-        self.views, self.tables, self.counts = views, tables, counts
-        rng = np.random.default_rng([cfg.seed, index])
-        self.duration = (cfg.samples_per_scene - 1) * KEY_PERIOD
-        self.world: World = make_world(rng, self.duration, cfg.object_density)
-        self.ground: GroundMap = rasterise_road(self.world.road)
+        self.views, self.tables = views, tables
+        self.static_tables = T.static_tables(cfg.seed)
+        self.world, self.ground, rng = build_scene(cfg, index)
         sun_az, sun_el = rng.uniform(-np.pi, np.pi), rng.uniform(np.deg2rad(25), np.deg2rad(65))
         self.sun = np.array([np.cos(sun_el) * np.cos(sun_az), np.cos(sun_el) * np.sin(sun_az), np.sin(sun_el)])
         self.t0 = BASE_TIMESTAMP + index * 3_600_000_000 + int(rng.integers(0, 1_000_000))
@@ -192,9 +240,7 @@ class SceneWriter:
         self.logfile = f"n015-2018-07-{day:02d}-11-{index % 60:02d}-{(index * 7) % 60:02d}+0800"
         self.tok = lambda *k: T.token(cfg.seed, name, *k)
         self.calib = {ch: self.tok("calib", ch) for ch in rig}
-        for ch, t in self.calib.items():
-            counts["channel_of"][t] = ch
-        self.sensor_tokens = sensor_tokens
+        self.sensor_tokens = {ch: T.token(cfg.seed, "sensor", ch) for ch in rig}
         o = self.world.objects
         self.static = (o.v == 0) & ~o.follow
         self.rider = np.isin(o.attribute, [ATTRIBUTES.index("cycle.with_rider")])
@@ -356,8 +402,8 @@ class SceneWriter:
     def _annotate(self, sample_toks, key_t, key_lidar, key_lidar_vis, key_radar) -> None:
         tok, tables, o = self.tok, self.tables, self.world.objects
         lidar = self.rig[LIDAR_CHANNEL]
-        cat_tok = {c["name"]: c["token"] for c in tables["category"]}
-        att_tok = {a["name"]: a["token"] for a in tables["attribute"]}
+        cat_tok = {c["name"]: c["token"] for c in self.static_tables["category"]}
+        att_tok = {a["name"]: a["token"] for a in self.static_tables["attribute"]}
         per_instance: dict[int, list[str]] = {}
         rows_by_obj: dict[int, list[dict]] = {}
         for k, t in enumerate(key_t):
@@ -388,7 +434,6 @@ class SceneWriter:
                 a["next"], b["prev"] = b["token"], a["token"]
             tables["sample_annotation"].extend(rows)
             name = CLASS_NAMES[o.cls[i]]
-            self.counts["annotations"][name] += len(rows)
             tables["instance"].append({"token": tok("instance", i), "category_token": cat_tok[CATEGORY[name]],
                                        "nbr_annotations": len(rows), "first_annotation_token": rows[0]["token"],
                                        "last_annotation_token": rows[-1]["token"]})

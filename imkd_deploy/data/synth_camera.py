@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from imkd_deploy.config import CLASS_NAMES
-from imkd_deploy.data.synth_ground import LABEL_RGB, GroundMap
+from imkd_deploy.data.synth_ground import GroundMap
 
 SKY_TOP, SKY_HORIZON = np.array([95, 140, 205], np.float32), np.array([200, 215, 230], np.float32)
 FOG_RGB = np.array([185, 195, 205], np.float32)
@@ -61,16 +61,16 @@ _CUBE = np.array([[(i >> 0) & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)],
 
 @dataclass
 class CameraView:
-    """Per-camera constants for the ground lookup."""
+    """Per-camera constants: the ego-frame ground point behind every pixel, fog and sky."""
 
     k: np.ndarray
     cam2ego: np.ndarray
     width: int
     height: int
-    ground_idx: np.ndarray     # flat pixel indices below the horizon
-    ground_xy: np.ndarray      # (G, 2) ego-frame ground point of those pixels
-    fog: np.ndarray            # (G, 1) fog weight 0..1
-    sky: np.ndarray            # (H*W, 3) sky colour for every pixel
+    ground_xy: np.ndarray      # (H, W, 2) float32 ego-frame ground point (camera xy above the horizon)
+    ground_weight: np.ndarray  # (H, W) float32: 1 - fog on the ground, 0 in the sky
+    backdrop: np.ndarray       # (H, W, 3) uint8: sky above the horizon, fog colour below
+    tan_half_fov: tuple[float, float]   # horizontal, vertical: for frustum culling
 
 
 def make_view(k: np.ndarray, cam2ego: np.ndarray, width: int, height: int) -> CameraView:
@@ -78,25 +78,33 @@ def make_view(k: np.ndarray, cam2ego: np.ndarray, width: int, height: int) -> Ca
     pix = np.stack([u.ravel() + 0.5, v.ravel() + 0.5, np.ones(u.size)], 0)
     d = cam2ego[:3, :3] @ (np.linalg.inv(k) @ pix)             # ego-frame ray per pixel
     down = d[2] < -1e-4
-    t = -cam2ego[2, 3] / d[2, down]
-    xy = cam2ego[:2, 3][:, None] + d[:2, down] * t
-    dist = np.hypot(xy[0] - cam2ego[0, 3], xy[1] - cam2ego[1, 3])
+    t = np.where(down, -cam2ego[2, 3] / np.where(down, d[2], -1.0), 0.0)
+    dist = np.hypot(d[0], d[1]) * t
+    t = np.minimum(t, 2 * FOG_DIST / np.maximum(np.hypot(d[0], d[1]), 1e-6))   # fully fogged beyond
+    xy = cam2ego[:2, 3][:, None] + d[:2] * t
     elev = d[2] / np.linalg.norm(d, axis=0)
     w = np.clip(elev / 0.5, 0, 1)[:, None]
     sky = SKY_HORIZON * (1 - w) + SKY_TOP * w
-    return CameraView(k, cam2ego, width, height, np.nonzero(down)[0], xy.T.copy(),
-                      np.clip(dist / FOG_DIST, 0, 1)[:, None].astype(np.float32) ** 0.7, sky.astype(np.float32))
+    backdrop = np.where(down[:, None], FOG_RGB[None], sky)
+    weight = np.where(down, 1 - np.clip(dist / FOG_DIST, 0, 1) ** 0.7, 0.0)
+    tan_h = max(k[0, 2], width - k[0, 2]) / k[0, 0]
+    tan_v = max(k[1, 2], height - k[1, 2]) / k[1, 1]
+    return CameraView(k, cam2ego, width, height, xy.T.reshape(height, width, 2).astype(np.float32),
+                      weight.reshape(height, width).astype(np.float32),
+                      np.round(backdrop).reshape(height, width, 3).astype(np.uint8), (tan_h, tan_v))
 
 
-def _ground(view: CameraView, ego2global: np.ndarray, ground: GroundMap) -> np.ndarray:
-    gx = ego2global[0, 0] * view.ground_xy[:, 0] + ego2global[0, 1] * view.ground_xy[:, 1] + ego2global[0, 3]
-    gy = ego2global[1, 0] * view.ground_xy[:, 0] + ego2global[1, 1] * view.ground_xy[:, 1] + ego2global[1, 3]
-    rgb = LABEL_RGB[ground.lookup(gx, gy)]
-    # World-anchored grain (hash of a 25 cm cell), so the texture moves with the ground.
-    ix, iy = np.floor(gx * 4).astype(np.int64), np.floor(gy * 4).astype(np.int64)
-    grain = ((ix * 73856093) ^ (iy * 19349663)) % 17 - 8
-    rgb = rgb + grain[:, None].astype(np.float32)
-    return rgb * (1 - view.fog) + FOG_RGB * view.fog
+def _background(view: CameraView, ego2global: np.ndarray, ground: GroundMap) -> np.ndarray:
+    """Sky + ground: one affine map to raster pixels, one cv2.remap, one per-pixel blend."""
+    h = ground.labels.shape[0]
+    inv = 1.0 / ground.resolution
+    e = ego2global
+    m = np.array([[e[0, 0] * inv, e[0, 1] * inv, (e[0, 3] - ground.origin[0]) * inv - 0.5],
+                  [-e[1, 0] * inv, -e[1, 1] * inv, h - 0.5 - (e[1, 3] - ground.origin[1]) * inv]], np.float32)
+    pix = cv2.transform(view.ground_xy, m)
+    rgb = cv2.remap(ground.image, pix, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                    borderValue=tuple(int(c) for c in ground.outside_rgb))
+    return cv2.blendLinear(rgb, view.backdrop, view.ground_weight, 1.0 - view.ground_weight)
 
 
 def _part_polygons(boxes: np.ndarray, cls: np.ndarray, colour: np.ndarray, rider: np.ndarray):
@@ -176,24 +184,24 @@ def _clip_near(poly: np.ndarray) -> np.ndarray:
 def render_camera(view: CameraView, ego2global: np.ndarray, ground: GroundMap, boxes_ego: np.ndarray,
                   cls: np.ndarray, colour: np.ndarray, rider: np.ndarray, sun_ego: np.ndarray) -> np.ndarray:
     """An (H, W, 3) uint8 RGB image. boxes_ego: (N, 7) x, y, z, w, l, h, yaw in the ego frame."""
-    img = view.sky.copy()
-    img[view.ground_idx] = _ground(view, ego2global, ground)
-    img = np.clip(img, 0, 255).astype(np.uint8).reshape(view.height, view.width, 3)
+    img = _background(view, ego2global, ground)
 
     ego2cam = np.linalg.inv(view.cam2ego)
     cam_pos = view.cam2ego[:3, 3]
-    # Only boxes in front of the camera and within fog range can show.
+    # Frustum culling with bounding spheres: only boxes that can reach the image are drawn.
     rel = (ego2cam[:3, :3] @ boxes_ego[:, :3].T).T + ego2cam[:3, 3]
     r = 0.5 * np.linalg.norm(boxes_ego[:, 3:6], axis=1)
-    near = (rel[:, 2] > -r) & (np.linalg.norm(rel, axis=1) < FOG_DIST)
+    th, tv = view.tan_half_fov
+    near = ((rel[:, 2] > -r) & (np.linalg.norm(rel, axis=1) < FOG_DIST)
+            & (np.abs(rel[:, 0]) - r * np.sqrt(1 + th**2) <= rel[:, 2] * th)
+            & (np.abs(rel[:, 1]) - r * np.sqrt(1 + tv**2) <= rel[:, 2] * tv))
     if not near.any():
         return img
     b = boxes_ego[near]
     corners, rgb, nrm, parent, order = _part_polygons(b, cls[near], colour[near], rider[near])
     centre = corners.mean(1)
     facing = ((cam_pos[None] - centre) * nrm).sum(1) > 1e-6
-    shade = 0.5 + 0.5 * np.clip(nrm @ sun_ego, 0, None)
-    shade = shade + 0.12 * (nrm[:, 2] > 0.5)
+    shade = 0.5 + 0.5 * np.clip(nrm @ sun_ego, 0, None) + 0.12 * (nrm[:, 2] > 0.5)
     # Painter's order: a face's bands share its depth and are drawn right after it.
     depth = np.linalg.norm(centre - cam_pos, axis=1)
     face_depth = np.zeros(parent.max() + 1)
@@ -202,24 +210,26 @@ def render_camera(view: CameraView, ego2global: np.ndarray, ground: GroundMap, b
     key_depth = face_depth[parent]
     idx = np.nonzero(facing)[0]
     idx = idx[np.lexsort((order[idx], -key_depth[idx]))]
-    cam = np.einsum("ij,fkj->fki", ego2cam[:3, :3], corners[idx]) + ego2cam[:3, 3]
-    cols = np.clip(rgb[idx] * shade[idx, None], 0, 255).astype(np.uint8)
-    # Contact shadows first: a dark footprint under every object grounds it visually.
-    shadow_cam = np.einsum("ij,fkj->fki", ego2cam[:3, :3], _footprints(b)) + ego2cam[:3, 3]
+    # Contact shadows go first: a dark footprint under every object grounds it visually.
+    polys = np.concatenate([_footprints(b), corners[idx]])
+    cols = np.concatenate([np.tile(np.array([40, 40, 42], np.float32), (len(b), 1)), rgb[idx] * shade[idx, None]])
+    cols = np.clip(cols, 0, 255).astype(np.uint8)
+    cam = np.einsum("ij,fkj->fki", ego2cam[:3, :3], polys) + ego2cam[:3, 3]
 
-    def draw(poly_cam: np.ndarray, c) -> None:
-        if (poly_cam[:, 2] < NEAR).any():
-            if (poly_cam[:, 2] < NEAR).all():
-                return
-            poly_cam = _clip_near(poly_cam)
-        uv = (view.k @ (poly_cam / poly_cam[:, 2:3]).T).T[:, :2]
-        if (uv[:, 0].max() < 0) or (uv[:, 1].max() < 0) or uv[:, 0].min() > view.width or uv[:, 1].min() > view.height:
-            return
-        pts = np.round(np.clip(uv, -1e5, 1e5) * 16).astype(np.int32)
-        cv2.fillPoly(img, [pts], tuple(int(v) for v in c), cv2.LINE_AA, 4)
-
-    for p in shadow_cam:
-        draw(p, (40, 40, 42))
-    for p, c in zip(cam, cols):
-        draw(p, c)
+    # Vectorised culling: drop polygons behind the camera or off-image; only those that
+    # cross the near plane need clipping (one small loop over those few).
+    z = cam[..., 2]
+    front, behind = (z >= NEAR).all(1), (z < NEAR).all(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv = np.einsum("ij,fkj->fki", view.k[:2], cam / z[..., None])
+    off = (uv[..., 0].max(1) < 0) | (uv[..., 1].max(1) < 0) | (uv[..., 0].min(1) > view.width) | (uv[..., 1].min(1) > view.height)
+    draw = ~behind & ~(front & off)
+    for f in np.nonzero(draw)[0]:
+        if front[f]:
+            pts = uv[f]
+        else:
+            c = _clip_near(cam[f])
+            pts = (view.k[:2] @ (c / c[:, 2:3]).T).T
+        pts = np.round(np.clip(pts, -1e5, 1e5) * 16).astype(np.int32)
+        cv2.fillPoly(img, [pts], tuple(int(v) for v in cols[f]), cv2.LINE_AA, 4)
     return img

@@ -24,17 +24,33 @@ LABEL_INTENSITY = np.array([[4.0, 2.0], [9.0, 3.0], [16.0, 5.0], [70.0, 20.0], [
 @dataclass
 class GroundMap:
     labels: np.ndarray       # (H, W) uint8, row 0 = max y (image convention)
+    rgb: np.ndarray          # (H*W + 1, 3) uint8 colour with baked-in grain; last row = outside
     origin: tuple[float, float]   # global (x, y) of pixel column 0 / the bottom row edge
     resolution: float        # metres per pixel
 
+    def __post_init__(self) -> None:
+        self._label_flat = np.append(self.labels.ravel(), np.uint8(GRASS))
+
+    def _flat_index(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Flat raster index of global points; H*W (one past the end) outside the raster."""
+        h, w = self.labels.shape
+        col = ((x - self.origin[0]) * (1.0 / self.resolution)).astype(np.int64)
+        row = (h - 1) - ((y - self.origin[1]) * (1.0 / self.resolution)).astype(np.int64)
+        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h) & (x >= self.origin[0]) & (y >= self.origin[1])
+        return np.where(inside, row * w + col, h * w)
+
     def lookup(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Labels at global points; grass outside the raster."""
-        col = np.floor((x - self.origin[0]) / self.resolution).astype(np.int64)
-        row = self.labels.shape[0] - 1 - np.floor((y - self.origin[1]) / self.resolution).astype(np.int64)
-        inside = (col >= 0) & (col < self.labels.shape[1]) & (row >= 0) & (row < self.labels.shape[0])
-        out = np.zeros(np.shape(x), np.uint8)
-        out[inside] = self.labels[row[inside], col[inside]]
-        return out
+        return self._label_flat[self._flat_index(x, y)]
+
+    @property
+    def image(self) -> np.ndarray:
+        """(H, W, 3) uint8 colour raster (a view, no copy)."""
+        return self.rgb[:-1].reshape(*self.labels.shape, 3)
+
+    @property
+    def outside_rgb(self) -> np.ndarray:
+        return self.rgb[-1]
 
     def preview_png(self, max_side: int = 1024) -> bytes:
         """A small colour PNG of the map (the nuScenes map table needs a mask file)."""
@@ -46,7 +62,7 @@ class GroundMap:
         return buf.tobytes()
 
 
-def rasterise_road(road: Road, resolution: float = 0.1, margin: float = 40.0) -> GroundMap:
+def rasterise_road(road: Road, rng: np.random.Generator, resolution: float = 0.1, margin: float = 40.0) -> GroundMap:
     """Draw sidewalks, carriageway, edge lines and dashed centre line as thick polylines."""
     x0, y0 = road.x.min() - margin, road.y.min() - margin
     w = int(np.ceil((road.x.max() + margin - x0) / resolution))
@@ -75,4 +91,9 @@ def rasterise_road(road: Road, resolution: float = 0.1, margin: float = 40.0) ->
     period, dash = int(round(9.0 / ds)), int(round(3.0 / ds))
     dashes = [to_px(0.0, slice(i, i + dash + 1)) for i in range(0, len(road.s) - dash, period)]
     cv2.polylines(labels, dashes, False, PAINT, max(1, int(round(0.15 / resolution))), cv2.LINE_8, shift)
-    return GroundMap(labels, (float(x0), float(y0)), resolution)
+    # Surface grain baked into the colour raster: it is anchored to the world, so the
+    # texture moves consistently across frames and cameras (a cue for motion and depth).
+    grain = rng.integers(-9, 10, size=labels.shape, dtype=np.int16)
+    rgb = np.clip(LABEL_RGB.astype(np.int16)[labels] + grain[..., None], 0, 255).astype(np.uint8).reshape(-1, 3)
+    rgb = np.concatenate([rgb, LABEL_RGB[GRASS][None].astype(np.uint8)])
+    return GroundMap(labels, rgb, (float(x0), float(y0)), resolution)

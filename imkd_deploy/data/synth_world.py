@@ -190,17 +190,22 @@ def _sizes(rng: np.random.Generator, name: str, n: int) -> np.ndarray:
     return np.clip(mean + rng.standard_normal((n, 3)) * std, 0.6 * mean, 1.5 * mean)
 
 
-# Instance colour palettes (RGB); vehicles pick any, other classes have a fixed look so that
-# appearance carries class information as it does in real images.
+# Instance colour palettes (RGB): cars, clothes and bicycles vary per instance; the other
+# classes have a fixed look, so appearance carries class information as in real images.
 CAR_PALETTE = np.array([
     [200, 200, 205], [30, 30, 35], [160, 20, 25], [20, 50, 130], [235, 235, 235],
     [120, 125, 130], [90, 60, 40], [40, 100, 60], [210, 180, 40],
 ], dtype=np.uint8)
+CLOTHES_PALETTE = np.array([
+    [60, 70, 120], [150, 40, 40], [220, 220, 215], [40, 40, 45], [200, 170, 60], [70, 120, 80],
+    [120, 90, 140], [190, 110, 60],
+], dtype=np.uint8)
+BIKE_PALETTE = np.array([[20, 110, 60], [180, 30, 30], [30, 30, 35], [210, 210, 210], [30, 80, 170]], dtype=np.uint8)
+PALETTE = {"car": CAR_PALETTE, "pedestrian": CLOTHES_PALETTE, "bicycle": BIKE_PALETTE}
 CLASS_COLOUR = {
     "truck": [225, 225, 220], "bus": [40, 120, 200], "trailer": [180, 180, 175],
-    "construction_vehicle": [240, 175, 20], "pedestrian": [60, 70, 120],
-    "motorcycle": [25, 25, 30], "bicycle": [20, 110, 60], "traffic_cone": [255, 110, 20],
-    "barrier": [230, 230, 225],
+    "construction_vehicle": [240, 175, 20], "motorcycle": [25, 25, 30],
+    "traffic_cone": [255, 110, 20], "barrier": [230, 230, 225],
 }
 
 
@@ -211,7 +216,7 @@ def make_world(rng: np.random.Generator, duration: float, density: float = 1.0) 
     at ``density`` times a town-like count per 100 m; at least one of every class is placed
     where the ego passes it, so every scene holds all 10 classes.
     """
-    ego = EgoMotion(s0=90.0, v0=rng.uniform(6.5, 9.5), amp=rng.uniform(0.5, 2.5),
+    ego = EgoMotion(s0=90.0, v0=rng.uniform(7.0, 9.5), amp=rng.uniform(0.5, 2.0),
                     omega=2 * np.pi / rng.uniform(8.0, 20.0), phase=rng.uniform(0, 2 * np.pi))
     s_end = float(ego.s(np.array(duration)))
     road = make_road(rng, s_end + 160.0)
@@ -224,8 +229,8 @@ def make_world(rng: np.random.Generator, duration: float, density: float = 1.0) 
 
     def add(name: str, n: int, **kw) -> None:
         size = _sizes(rng, name, n)
-        if name == "car":
-            colour = CAR_PALETTE[rng.integers(0, len(CAR_PALETTE), n)]
+        if name in PALETTE:
+            colour = PALETTE[name][rng.integers(0, len(PALETTE[name]), n)]
         else:
             colour = np.tile(np.array(CLASS_COLOUR[name], np.uint8), (n, 1))
         # Per-instance brightness jitter, so colour alone never pins down an instance.
@@ -273,7 +278,7 @@ def make_world(rng: np.random.Generator, duration: float, density: float = 1.0) 
     add("construction_vehicle", n, s0=along(n), lateral=side(n) * rng.uniform(10.5, 13.0, n),
         yaw_offset=rng.uniform(-np.pi, np.pi, n), attribute=parked)
     n = count(0.8)
-    add("motorcycle", n, s0=along(n), lateral=side(n) * 4.2, yaw_offset=np.pi / 2,
+    add("motorcycle", n, s0=along(n), lateral=side(n) * 4.6, yaw_offset=np.pi / 2,
         attribute=att("cycle.without_rider"))
     # Pedestrians walk either way along the sidewalks or stand; cyclists ride the lane edge.
     n = count(9.0)
@@ -306,27 +311,36 @@ def make_world(rng: np.random.Generator, duration: float, density: float = 1.0) 
 
 
 def _drop_static_overlaps(o: Objects) -> Objects:
-    """Drop static objects whose footprints overlap an already kept one (rare classes first).
+    """Resolve overlapping static objects: slide each along the road to a free spot, else drop it.
 
     Overlap is tested in road coordinates (s, lateral), where parked things are axis-aligned
-    up to their yaw offset; moving traffic uses separate lanes and is always kept.
+    up to their yaw offset; moving traffic uses separate lanes and is always kept. The first
+    object of every class goes first and may slide further, so every class survives.
     """
     static = (o.v == 0) & ~o.follow
     quarter = np.abs(np.sin(o.yaw_offset)) > 0.7          # turned across the road
     ext_s = np.where(quarter, o.size[:, 0], o.size[:, 1]) / 2 + 0.4
     ext_l = np.where(quarter, o.size[:, 1], o.size[:, 0]) / 2 + 0.2
-    counts = np.bincount(o.cls, minlength=len(CLASS_NAMES))
-    order = np.lexsort((np.arange(len(o)), counts[o.cls]))
+    first = np.zeros(len(o), bool)
+    first[np.unique(o.cls, return_index=True)[1]] = True
+    order = np.concatenate([np.nonzero(first)[0], np.nonzero(~first)[0]])
+    s0 = o.s0.copy()
     keep = np.ones(len(o), bool)
     kept: list[int] = []
     for i in order:                      # ~60 objects: a loop over objects, not points
         if not static[i]:
             continue
-        if kept:
-            k = np.array(kept)
-            hit = (np.abs(o.s0[k] - o.s0[i]) < ext_s[k] + ext_s[i]) & (np.abs(o.lateral[k] - o.lateral[i]) < ext_l[k] + ext_l[i])
-            if hit.any():
-                keep[i] = False
-                continue
-        kept.append(i)
-    return Objects(**{f: getattr(o, f)[keep] for f in o.__dataclass_fields__})
+        reach = 60.0 if first[i] else 10.0
+        shifts = np.concatenate([[0.0], np.stack([np.arange(2.5, reach + 1, 2.5), -np.arange(2.5, reach + 1, 2.5)], 1).ravel()])
+        k = np.array(kept, dtype=np.int64)
+        cand = s0[i] + shifts
+        free = ~((np.abs(s0[k][None] - cand[:, None]) < ext_s[k][None] + ext_s[i])
+                 & (np.abs(o.lateral[k] - o.lateral[i]) < ext_l[k] + ext_l[i])[None]).any(1)
+        if free.any():
+            s0[i] = cand[np.argmax(free)]
+            kept.append(i)
+        else:
+            keep[i] = False
+    fields = {f: getattr(o, f) for f in o.__dataclass_fields__}
+    fields["s0"] = s0
+    return Objects(**{f: v[keep] for f, v in fields.items()})

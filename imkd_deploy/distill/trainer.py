@@ -120,6 +120,16 @@ def _load_teacher(path: Path | None, student_cfg: ModelConfig, device) -> tuple[
     return teacher, tcfg
 
 
+def _average_buffers(module: nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks. DDP only broadcasts buffers at the
+    start of a forward, so after the last step each replica holds its own batch's stats."""
+    world = dist.get_world_size()
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf /= world
+
+
 def _progress(enabled: bool):
     if not enabled:
         return None
@@ -174,7 +184,10 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
         criterion = IMKDCriterion(cfg, run_cfg.distill, role, teacher_cfg)
         if criterion.needs_teacher and teacher is None:
             raise UserError(f"--distill {run_cfg.distill.levels} needs a teacher: pass --teacher CKPT (or --distill none)")
-        step_module = TrainStep(role, build_model(role, cfg, run_cfg.distill), criterion).to(device)
+        net = build_model(role, cfg, run_cfg.distill)
+        if world > 1 and device.type == "cuda":   # per-GPU batches of 1-4 BEV samples are too small for BN stats
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        step_module = TrainStep(role, net, criterion).to(device)
 
         if frames is None:
             from imkd_deploy.data.loader import NuScenesDrive
@@ -213,6 +226,10 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
         end = tc.max_steps if stop_after is None else min(tc.max_steps, stop_after)
 
         def save(step: int) -> None:
+            if world > 1:
+                _average_buffers(step_module)
+            if rank != 0:
+                return
             save_checkpoint(last, role=role, step=step, run_config=run_cfg, model=step_module.net,
                             extra=step_module.criterion,
                             train_state={"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()})
@@ -250,12 +267,12 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
                         metrics.flush()
                     if bar:
                         bar.update(task, advance=1, losses=" ".join(f"{k} {v:.3f}" for k, v in record.items() if k in terms))
-                    if (step + 1) % tc.ckpt_every == 0 and step + 1 < end:
-                        save(step + 1)
+                if (step + 1) % tc.ckpt_every == 0 and step + 1 < end:
+                    save(step + 1)
         if rank == 0:
             metrics.close()
-            if end > start:    # nothing new to save when resuming a finished run
-                save(end)
+        if end > start:    # nothing new to save when resuming a finished run
+            save(end)
         if world > 1:
             dist.barrier()
         return TrainResult(last, step_module.net, end)

@@ -98,6 +98,7 @@ def network_from_onnx(onnx_path: Path, backend: str = "tensorrt-rtx", verbose: b
     if not onnx_path.is_file():
         raise UserError(f"ONNX model not found: {onnx_path}")
     trt = load_tensorrt(backend)
+    _refuse_plugin_nodes_on_rtx(trt, onnx_path)
     logger = make_logger(trt, verbose)
     plugins = register_imkd_plugins(trt)           # the parser looks creators up by op + namespace
     builder = trt.module.Builder(logger)
@@ -107,6 +108,26 @@ def network_from_onnx(onnx_path: Path, backend: str = "tensorrt-rtx", verbose: b
         errors = [_describe_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
         raise UserError(f"{trt.backend} {trt.version} could not parse {onnx_path}:\n  " + "\n  ".join(errors))
     return ParsedNetwork(trt, builder, network, parser, logger, plugins)
+
+
+def _refuse_plugin_nodes_on_rtx(trt: TensorRT, onnx_path: Path) -> None:
+    """TensorRT-RTX (checked on 1.7) cannot hold plugin layers: fail before the parser aborts.
+
+    Its INetworkDefinition has no add_plugin_v2/add_plugin_v3, and when the ONNX parser
+    meets a custom node with a registered Python IPluginV3 creator it calls create_plugin and
+    then std::terminate()s inside libtensorrt_onnxparser_rtx ("terminate called without an
+    active exception"), killing the process. The standard-op export builds instead.
+    """
+    if not trt.is_rtx:
+        return
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    custom = sorted({_op_key(n) for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    if custom:
+        raise UserError(
+            f"{onnx_path} has custom-op nodes ({', '.join(custom)}), and {trt.backend} {trt.version} cannot build "
+            "plugin layers. Export the model with `imkd export --ops onnx` for tensorrt-rtx "
+            "(plugins need NVIDIA TensorRT >= 10.6 on a GPU machine)."
+        )
 
 
 def _describe_parser_error(err) -> str:
@@ -192,6 +213,10 @@ def dry_run(onnx_path: Path, settings: BuildSettings | None = None) -> DryRunRep
     parser = trt.module.OnnxParser(network, logger)
     unsupported = sorted(op for op in ops if "::" not in op and not parser.supports_operator(op))
     plugin_nodes = [(name, op, find_creator(trt, op.split("::")[1]) is not None) for name, op in custom]
+    try:
+        _refuse_plugin_nodes_on_rtx(trt, onnx_path)
+    except UserError as exc:
+        return DryRunReport(onnx_path, trt.backend, trt.version, dict(ops), unsupported, plugin_nodes, False, [str(exc)])
     ok = bool(parser.parse_from_file(str(onnx_path)))
     errors = [] if ok else [_describe_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
     return DryRunReport(onnx_path, trt.backend, trt.version, dict(ops), unsupported, plugin_nodes, ok, errors)

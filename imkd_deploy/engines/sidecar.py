@@ -61,6 +61,9 @@ class EngineSidecar:
     imkd_version: str
     created: str = ""
     schema: int = SIDECAR_SCHEMA
+    # ModelConfig.to_dict() of the exported model: the runtime needs it and the ONNX may not
+    # travel with the engine. None for sidecars written before this field existed.
+    model_config: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -68,7 +71,7 @@ class EngineSidecar:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EngineSidecar":
         names = set(cls.__dataclass_fields__)
-        missing = [n for n in names if n not in data and n not in ("created", "schema")]
+        missing = [n for n in names if n not in data and n not in ("created", "schema", "model_config")]
         if missing:
             raise UserError(f"engine sidecar lacks fields {sorted(missing)}")
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -99,6 +102,17 @@ def onnx_provenance(onnx_path: Path) -> dict[str, str | None]:
         "calibration_set_sha256": _find_key(meta, (META_CALIBRATION_SET, "calibration_set_sha256")),
         "precision": _find_key(meta, (META_PRECISION, "precision")),
     }
+
+
+def onnx_model_config(onnx_path: Path) -> dict[str, Any] | None:
+    """The ModelConfig dict `imkd export` stored with the ONNX, or None (not an imkd export)."""
+    from imkd_deploy.export.metadata import read_metadata
+
+    try:
+        config = read_metadata(onnx_path).get("config")
+    except UserError:
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _find_key(meta: Any, keys: tuple[str, ...]) -> str | None:
@@ -138,6 +152,7 @@ def make_sidecar(onnx_path, engine_path, trt, settings, profiles, targets, plugi
             "explicit_targets": list(settings.compute_capabilities),
         },
         imkd_version=__version__,
+        model_config=onnx_model_config(onnx_path),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
 

@@ -14,6 +14,8 @@ its front door, whose traps otherwise end in assertion tracebacks:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -121,7 +123,9 @@ def evaluate_submission(results_json: Path, dataroot, version, split, out_dir=No
     ev.output_dir, ev.plot_dir, ev.verbose = str(out_dir), str(out_dir / "plots"), verbose
     ev.meta = submission.get("meta", {})
     ev.pred_boxes = _prediction_boxes(results, tokens, results_json)
-    ev.gt_boxes = load_gt_of_sample_tokens(nusc, tokens, DetectionBox, verbose=verbose)
+    # The devkit draws a tqdm bar here even when not verbose.
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO()):
+        ev.gt_boxes = load_gt_of_sample_tokens(nusc, tokens, DetectionBox, verbose=verbose)
     for name in ("pred_boxes", "gt_boxes"):
         boxes = add_center_dist(nusc, getattr(ev, name))
         # filter_eval_boxes cannot tell the box type of an empty set and raises.
@@ -163,11 +167,83 @@ def print_metrics(metrics: dict, console) -> None:
     console.print("\n".join(lines), markup=False, highlight=False)
 
 
+_MOVING_ATTR = {"car": ("vehicle.moving", "vehicle.parked"), "truck": ("vehicle.moving", "vehicle.parked"),
+                "bus": ("vehicle.moving", "vehicle.parked"), "trailer": ("vehicle.moving", "vehicle.parked"),
+                "construction_vehicle": ("vehicle.moving", "vehicle.parked"),
+                "pedestrian": ("pedestrian.moving", "pedestrian.standing"),
+                "motorcycle": ("cycle.with_rider", "cycle.without_rider"),
+                "bicycle": ("cycle.with_rider", "cycle.without_rider")}
+MOVING_SPEED = 0.2   # m/s; the usual CenterPoint/mmdet3d rule for picking an attribute from velocity
+
+
+def ego_boxes_to_submission(sample_token: str, ego2global: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                            scores: np.ndarray) -> list[dict]:
+    """Ego-frame boxes (N, 9) x, y, z, w, l, h, yaw, vx, vy (frame.py layout) -> submission boxes.
+
+    Boxes go to the GLOBAL frame through the key ego pose; the attribute is chosen from the
+    speed (moving/parked, with/without rider, moving/standing), none for cones and barriers.
+    """
+    from imkd_deploy.config import CLASS_NAMES
+    from imkd_deploy.data.loader import quat_to_matrix, yaw_to_quat
+
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 9)
+    rot, trans = ego2global[:3, :3], ego2global[:3, 3]
+    centres = boxes[:, :3] @ rot.T + trans
+    # Rotate the box frame, then read the quaternion back: exact for the ego pose's full 3D rotation.
+    box_rot = rot[None] @ quat_to_matrix(yaw_to_quat(boxes[:, 6]))
+    quats = _matrix_to_quat(box_rot)
+    vel = np.concatenate([boxes[:, 7:9], np.zeros((len(boxes), 1))], axis=1) @ rot.T
+    speed = np.linalg.norm(boxes[:, 7:9], axis=1)
+    out = []
+    for i in range(len(boxes)):
+        name = CLASS_NAMES[int(labels[i])]
+        attrs = _MOVING_ATTR.get(name)
+        out.append({
+            "sample_token": sample_token, "translation": centres[i].tolist(), "size": boxes[i, 3:6].tolist(),
+            "rotation": quats[i].tolist(), "velocity": vel[i, :2].tolist(), "detection_name": name,
+            "detection_score": float(scores[i]),
+            "attribute_name": "" if attrs is None else attrs[0 if speed[i] > MOVING_SPEED else 1],
+        })
+    return out
+
+
+def _matrix_to_quat(m: np.ndarray) -> np.ndarray:
+    """Rotation matrices (N, 3, 3) -> quaternions (N, 4) w, x, y, z (Shepperd's method, w >= 0)."""
+    m = np.asarray(m, dtype=np.float64)
+    tr = np.trace(m, axis1=1, axis2=2)
+    cand = np.stack([tr, m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]], axis=1)
+    pick = np.argmax(cand, axis=1)
+    q = np.empty((len(m), 4))
+    for k in range(4):  # four branches, each vectorised over the boxes that need it
+        sel = pick == k
+        if not sel.any():
+            continue
+        r = m[sel]
+        if k == 0:
+            s = np.sqrt(1.0 + tr[sel]) * 2
+            q[sel] = np.stack([s / 4, (r[:, 2, 1] - r[:, 1, 2]) / s, (r[:, 0, 2] - r[:, 2, 0]) / s,
+                               (r[:, 1, 0] - r[:, 0, 1]) / s], 1)
+        elif k == 1:
+            s = np.sqrt(1.0 + r[:, 0, 0] - r[:, 1, 1] - r[:, 2, 2]) * 2
+            q[sel] = np.stack([(r[:, 2, 1] - r[:, 1, 2]) / s, s / 4, (r[:, 0, 1] + r[:, 1, 0]) / s,
+                               (r[:, 0, 2] + r[:, 2, 0]) / s], 1)
+        elif k == 2:
+            s = np.sqrt(1.0 + r[:, 1, 1] - r[:, 0, 0] - r[:, 2, 2]) * 2
+            q[sel] = np.stack([(r[:, 0, 2] - r[:, 2, 0]) / s, (r[:, 0, 1] + r[:, 1, 0]) / s, s / 4,
+                               (r[:, 1, 2] + r[:, 2, 1]) / s], 1)
+        else:
+            s = np.sqrt(1.0 + r[:, 2, 2] - r[:, 0, 0] - r[:, 1, 1]) * 2
+            q[sel] = np.stack([(r[:, 1, 0] - r[:, 0, 1]) / s, (r[:, 0, 2] + r[:, 2, 0]) / s,
+                               (r[:, 1, 2] + r[:, 2, 1]) / s, s / 4], 1)
+    return q * np.where(q[:, :1] < 0, -1.0, 1.0)
+
+
 def gt_submission(dataroot, version, split) -> dict:
     """The split's ground truth as a submission (score 1): a perfect detector, for sanity checks.
 
-    Velocities the devkit cannot estimate (one-frame tracks, NaN) are submitted as 0, since a
-    submission must be finite; those boxes are then the only source of TP error.
+    Boxes with no LiDAR or radar point are left out, since the devkit drops them from the GT
+    (submitted, they would all be false positives). Velocities the devkit cannot estimate
+    (one-frame tracks, NaN) are submitted as 0, since a submission must be finite.
     """
     nusc = open_nuscenes(dataroot, version)
     from nuscenes.eval.detection.utils import category_to_detection_name
@@ -179,7 +255,7 @@ def gt_submission(dataroot, version, split) -> dict:
         for ann_token in nusc.get("sample", token)["anns"]:
             ann = nusc.get("sample_annotation", ann_token)
             name = category_to_detection_name(ann["category_name"])
-            if name is None:
+            if name is None or ann["num_lidar_pts"] + ann["num_radar_pts"] == 0:
                 continue
             vel = np.nan_to_num(nusc.box_velocity(ann_token)[:2], nan=0.0)
             attrs = ann["attribute_tokens"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from imkd_deploy.config import ModelConfig
-from imkd_deploy.model.backbone import ImageEncoder, conv_bn_relu
+from imkd_deploy.model.backbone import ImageEncoder
 from imkd_deploy.model.bev_encoder import BEVEncoder
 from imkd_deploy.model.head import CenterHead
 from imkd_deploy.model.pillars import RADAR_SPEC, PillarEncoder, occupancy_map, radar_intensity_map

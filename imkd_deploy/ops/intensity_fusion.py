@@ -235,3 +235,31 @@ def register_ort_kernel() -> None:
 # out_w (Co,Cc+Cr), out_b (Co,)), attributes plugin_namespace="imkd", plugin_version="1";
 # output f32 (B, Co, Y, X).
 # ---------------------------------------------------------------------------------------
+
+
+def intensity_fusion_output_shape(cam_shape, radar_shape, intensity_shape, gate_w_shape, gate_b_shape,
+                                  out_w_shape, out_b_shape) -> tuple:
+    """(B, Co, Y, X) from the seven input shapes; plain indexing, so it also takes TensorRT shape expressions."""
+    ranks = [len(s) for s in (cam_shape, radar_shape, intensity_shape, gate_w_shape, gate_b_shape, out_w_shape, out_b_shape)]
+    if ranks != [4, 4, 4, 2, 1, 2, 1]:
+        raise ValueError(f"imkd::IntensityFusion: input ranks must be [4, 4, 4, 2, 1, 2, 1], got {ranks}")
+    return (cam_shape[0], out_w_shape[0], cam_shape[2], cam_shape[3])
+
+
+def intensity_fusion_into(cam, radar, intensity, gate_w, gate_b, out_w, out_b, out: torch.Tensor) -> None:
+    """The plugin's computation: overwrite `out` (TensorRT's output buffer) with the fused BEV."""
+    out.copy_(intensity_fusion_reference(cam, radar, intensity, gate_w, gate_b, out_w, out_b))
+
+
+def register_tensorrt_plugin(trt_module) -> str | None:
+    """Define imkd::IntensityFusion for NVIDIA TensorRT >= 10.6 (tensorrt.plugin); None where unavailable."""
+    from imkd_deploy.engines.plugins import define_python_plugin
+
+    return define_python_plugin(
+        trt_module, "IntensityFusion",
+        inputs=("cam", "radar", "intensity", "gate_w", "gate_b", "out_w", "out_b"),
+        attrs={},
+        io_types=", ".join(["FP32"] * 8),
+        output_shape=intensity_fusion_output_shape,
+        compute=intensity_fusion_into,
+    )

@@ -107,11 +107,13 @@ def infer_drive(model: Path, dataroot: Path, version: str, out: Path, *, split: 
     pipeline = Pipeline.from_model(model, backend=backend, score_threshold=score_threshold)
     drive = NuScenesDrive(dataroot, version, pipeline.cfg, split=split, scenes=scenes)
     shard = shard or shard_from_env()
+    nusc = drive.nusc
+    scene_names = [nusc.get("scene", nusc.get("sample", t)["scene_token"])["name"] for t in drive.sample_tokens]
     indices = list(range(len(drive)))
     if shard is not None:
-        names = sorted(set(drive.scene_names))
+        names = sorted(set(scene_names))
         mine = set(names[shard[0]::shard[1]])
-        indices = [i for i in indices if drive.scene_names[i] in mine]
+        indices = [i for i in indices if scene_names[i] in mine]
     if max_frames is not None:
         indices = indices[:max_frames]
     tokens = [drive.sample_tokens[i] for i in indices]
@@ -155,7 +157,7 @@ def infer_drive(model: Path, dataroot: Path, version: str, out: Path, *, split: 
                 reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
                 record["status"] = f"skipped: {reason}"
                 summary.skipped[token] = reason
-                log.warning("frame %s (scene %s) skipped: %s", token, drive.scene_names[i], reason)
+                log.warning("frame %s (scene %s) skipped: %s", token, scene_names[i], reason)
             jf.write(json.dumps(record) + "\n")
             jf.flush()
             summary.processed += 1

@@ -31,7 +31,7 @@ def test_hit_then_misses_with_reasons(small_onnx, tmp_path, setup, caplog):
     minmax = QuantizeSettings(method="minmax")
     first = calibrate(small_onnx, manifest, "int8", tmp_path / "a.onnx", feeds, minmax, cache_dir)
     assert first.cache_note.startswith("miss") and len(calls) == 8
-    assert any("at least" in w or ">= 100" in w for w in first.warnings)   # 8 frames is too few
+    assert any(">= 100" in w for w in first.warnings)                   # 8 frames is too few
 
     calls.clear()
     second = calibrate(small_onnx, manifest, "int8", tmp_path / "b.onnx", feeds, minmax, cache_dir)
@@ -44,8 +44,7 @@ def test_hit_then_misses_with_reasons(small_onnx, tmp_path, setup, caplog):
     assert "setting method: 'minmax' -> 'percentile'" in third.cache_note
     assert "calibration cache miss" in caplog.text
 
-    cset = CalibrationSet("v1.0-mini", "mini_train", CalibrationSet.__dataclass_fields__ and
-                          tuple(CalibEntry("scene-0001", f"tok{i}") for i in range(4)))
+    cset = CalibrationSet("v1.0-mini", "mini_train", tuple(CalibEntry("scene-0001", f"tok{i}") for i in range(4)))
     cset.write(manifest)                                                # same name, other frames
     fourth = calibrate(small_onnx, manifest, "int8", tmp_path / "d.onnx", feeds, minmax, cache_dir)
     assert "calibration set changed" in fourth.cache_note

@@ -123,3 +123,55 @@ def test_print_metrics_uses_the_devkit_layout(drive, gt, tmp_path):
     header = lines.index("Per-class results:") + 1
     assert lines[header].split() == ["Object", "Class", "AP", "ATE", "ASE", "AOE", "AVE", "AAE"]
     assert lines[header + 1].split()[0] == "car" and len(lines) == header + 11
+
+
+def test_same_numbers_as_the_devkit_on_a_valid_submission(drive, gt, tmp_path, capsys):
+    """Our front door must not change the score: compare with DetectionEval used directly."""
+    import numpy as np
+    from nuscenes.eval.common.config import config_factory
+    from nuscenes.eval.detection.evaluate import DetectionEval
+
+    from imkd_deploy.data.loader import open_nuscenes
+
+    rng = np.random.default_rng(0)
+    noisy = copy.deepcopy(gt)
+    for token, boxes in noisy["results"].items():
+        kept = [b for b in boxes if rng.random() > 0.2]
+        for b in kept:
+            b["translation"] = [t + d for t, d in zip(b["translation"], rng.normal(0, 0.4, 3))]
+            b["velocity"] = [v + d for v, d in zip(b["velocity"], rng.normal(0, 0.5, 2))]
+            b["detection_score"] = float(rng.random())
+        noisy["results"][token] = kept
+    path = _write(tmp_path / "noisy.json", noisy)
+    ours = evaluate_submission(path, drive, VERSION, "mini_val")
+    ref = DetectionEval(open_nuscenes(drive, VERSION), config_factory("detection_cvpr_2019"), str(path), "mini_val",
+                        str(tmp_path / "ref"), verbose=False).main(render_curves=False)
+    capsys.readouterr()
+    assert 0.3 < ours["mean_ap"] < 0.95
+    assert ours["mean_ap"] == pytest.approx(ref["mean_ap"], abs=1e-12)
+    assert ours["nd_score"] == pytest.approx(ref["nd_score"], abs=1e-12)
+    for k, v in ref["tp_errors"].items():
+        assert ours["tp_errors"][k] == pytest.approx(v, abs=1e-12), k
+
+
+def test_loader_ground_truth_round_trips_through_the_submission_format(drive, gt, tmp_path):
+    """Frame GT (ego frame: yaw, velocity) -> global submission -> devkit: a perfect score.
+    This checks the loader's box conversion and ego_boxes_to_submission against the devkit."""
+    import numpy as np
+
+    from imkd_deploy.config import ModelConfig
+    from imkd_deploy.data.loader import NuScenesDrive
+    from imkd_deploy.evaluation.nuscenes_metrics import ego_boxes_to_submission
+
+    ds = NuScenesDrive(drive, VERSION, ModelConfig(radar_sweeps=1), split="mini_val")
+    results = {}
+    for token in ds.sample_tokens:
+        f = ds.frame(token)
+        keep = f.gt_num_pts > 0
+        results[token] = ego_boxes_to_submission(token, f.ego2global, f.gt_boxes[keep], f.gt_labels[keep],
+                                                 np.ones(keep.sum()))
+    m = evaluate_submission(_write(tmp_path / "loader_gt.json", {"meta": gt["meta"], "results": results}),
+                            drive, VERSION, "mini_val")
+    assert m["mean_ap"] >= 0.99 and m["nd_score"] >= 0.97
+    for err in ("trans_err", "scale_err", "orient_err", "vel_err"):
+        assert m["tp_errors"][err] < 1e-3, (err, m["tp_errors"])

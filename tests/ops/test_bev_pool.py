@@ -155,8 +155,8 @@ def test_stack_geometry_rejects_mismatched_shapes():
 
 
 def test_custom_op_gradcheck():
-    # a coarse 8x8 grid keeps the analytic Jacobian (one backward per output element) small
-    grid = BEVGrid((-16.0, 16.0), (-16.0, 16.0), (-5.0, 3.0), 4.0)
+    # a coarse 4x4 grid keeps the analytic Jacobian (one backward per output element) small
+    grid = BEVGrid((-16.0, 16.0), (-16.0, 16.0), (-5.0, 3.0), 8.0)
     cfg_small = CFG.replace(image_size=(32, 64), num_cams=2, depth_bins=(2.0, 30.0, 4.0), grid=grid)
     intr, c2e, aug = example_rig(cfg_small)
     geom = stack_geometry([compute_geometry(intr, c2e, aug, cfg_small)] * 2)
@@ -184,3 +184,35 @@ def test_bev_pool_accepts_batched_bev_shape_and_empty_geometry():
     assert out.shape == (1, CFG.context_channels, 4, 6) and out.abs().sum() == 0
     out_np = bev_pool_numpy(depth.numpy(), feat.numpy(), *(e.numpy() for e in [empty] * 5), 4, 6)
     assert out_np.shape == (1, CFG.context_channels, 4, 6) and not out_np.any()
+
+
+def test_bad_ranks_raise_instead_of_reading_out_of_bounds():
+    geom = compute_geometry(*example_rig(CFG), CFG)
+    depth, feat = _inputs(1)
+    rd, rf, rb, st, ln = geom.to_torch()
+    too_far = rf.clone()
+    too_far[5] = feat[0, ..., 0].numel()
+    with pytest.raises(IndexError, match="ranks_feat"):
+        bev_pool(depth, feat, rd, too_far, rb, st, ln, geom.bev_hw)
+    with pytest.raises(ValueError, match="sorted"):
+        bev_pool(depth, feat, rd, rf, rb.flip(0), st, ln, geom.bev_hw)
+    with pytest.raises(ValueError, match="out of range"):
+        bev_pool_numpy(depth.numpy(), feat.numpy(), rd.numpy(), too_far.numpy(), rb.numpy(), st.numpy(), ln.numpy(), *geom.bev_hw)
+
+
+def test_low_precision_inputs_accumulate_in_fp32_and_keep_their_dtype():
+    geom = compute_geometry(*example_rig(CFG), CFG)
+    depth, feat = _inputs(1)
+    ranks = geom.to_torch()
+    out32 = bev_pool(depth, feat, *ranks, geom.bev_hw)
+    out16 = bev_pool(depth.bfloat16(), feat.bfloat16(), *ranks, geom.bev_hw)
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.float(), out32, rtol=2e-2, atol=5e-2)
+    # mixed (AMP-style) inputs promote like the reference, and gradients keep input dtypes
+    d16 = depth.bfloat16().requires_grad_()
+    f32 = feat.clone().requires_grad_()
+    mixed = bev_pool(d16, f32, *ranks, geom.bev_hw)
+    assert mixed.dtype == bev_pool_reference(d16, f32, *ranks, *geom.bev_hw).dtype == torch.float32
+    mixed.sum().backward()
+    assert d16.grad.dtype == torch.bfloat16 and f32.grad.dtype == torch.float32
+    assert d16.grad.abs().sum() > 0
