@@ -276,12 +276,15 @@ class SceneWriter:
         m[:3, 3] = pos
         return pos, yaw, m
 
-    def _to_sensor(self, boxes: np.ndarray, pos: np.ndarray, yaw: float, sensor: Sensor) -> np.ndarray:
-        """Global (N, 9) boxes -> sensor frame (yaw-only frames), velocity rotated too."""
-        s_yaw = yaw + np.arctan2(sensor.rotation[1, 0], sensor.rotation[0, 0])
+    def _to_sensor(self, boxes: np.ndarray, pos: np.ndarray, yaw: float, sensor: Sensor | None) -> np.ndarray:
+        """Global (N, 9) boxes -> a sensor's frame (the ego frame for None); velocity rotated too.
+
+        Every frame here is level (flat world, yaw-only mounts), so this is a 2D rigid motion.
+        """
+        mount = sensor.translation if sensor is not None else np.zeros(3)
+        s_yaw = yaw + (np.arctan2(sensor.rotation[1, 0], sensor.rotation[0, 0]) if sensor is not None else 0.0)
         c, s = np.cos(yaw), np.sin(yaw)
-        s_pos = pos + np.array([c * sensor.translation[0] - s * sensor.translation[1],
-                                s * sensor.translation[0] + c * sensor.translation[1], sensor.translation[2]])
+        s_pos = pos + np.array([c * mount[0] - s * mount[1], s * mount[0] + c * mount[1], mount[2]])
         c, s = np.cos(s_yaw), np.sin(s_yaw)
         out = boxes.copy()
         dx, dy = boxes[:, 0] - s_pos[0], boxes[:, 1] - s_pos[1]
@@ -306,7 +309,10 @@ class SceneWriter:
             gx = lidar2global[0, 0] * p[:, 0] + lidar2global[0, 1] * p[:, 1] + lidar2global[0, 3]
             gy = lidar2global[1, 0] * p[:, 0] + lidar2global[1, 1] * p[:, 1] + lidar2global[1, 3]
             mean_std = LABEL_INTENSITY[self.ground.lookup(gx, gy)]
-            return np.maximum(mean_std[:, 0] + rng.standard_normal(len(p)) * mean_std[:, 1], 0)
+            # Grazing rays return less: far ground is dimmer than the rings near the car.
+            cos_inc = np.abs(p[:, 2]) / np.maximum(np.linalg.norm(p, axis=1), 1e-6)
+            value = mean_std[:, 0] + rng.standard_normal(len(p)) * mean_std[:, 1]
+            return np.maximum(value * (0.5 + cos_inc), 0)
 
         return cast_lidar(boxes[:, :7], self.world.objects.cls, sensor.translation[2], ground_intensity, rng)
 
@@ -326,7 +332,7 @@ class SceneWriter:
 
     def _camera(self, ch: str, t: float) -> np.ndarray:
         pos, yaw, ego2global = self._ego(t)
-        boxes = self._to_sensor(self.world.boxes(t), pos, yaw, _EGO_FRAME)
+        boxes = self._to_sensor(self.world.boxes(t), pos, yaw, None)
         c, s = np.cos(-yaw), np.sin(-yaw)
         sun_ego = np.array([c * self.sun[0] - s * self.sun[1], s * self.sun[0] + c * self.sun[1], self.sun[2]])
         o = self.world.objects
@@ -334,11 +340,18 @@ class SceneWriter:
 
     # ---------------------------------------------------------------- write
     def write(self) -> None:
-        cfg, tok, tables = self.cfg, self.tok, self.tables
-        n_keys = cfg.samples_per_scene
-        scene_tok, log_tok = tok("scene"), tok("log")
-        sample_toks = [tok("sample", k) for k in range(n_keys)]
+        n_keys = self.cfg.samples_per_scene
+        sample_toks = [self.tok("sample", k) for k in range(n_keys)]
         key_lidar_t = [k * KEY_PERIOD for k in range(n_keys)]
+        self._write_scene_rows(sample_toks, key_lidar_t)
+        key_lidar, key_lidar_vis, key_radar = self._write_streams(sample_toks)
+        self._annotate(sample_toks, key_lidar_t, key_lidar, key_lidar_vis, key_radar)
+
+    def _write_scene_rows(self, sample_toks: list[str], key_lidar_t: list[float]) -> None:
+        """log, map (+ its PNG), calibrated_sensor, scene and sample rows."""
+        cfg, tok, tables = self.cfg, self.tok, self.tables
+        n_keys = len(sample_toks)
+        scene_tok, log_tok = tok("scene"), tok("log")
         tables["log"].append({"token": log_tok, "logfile": self.logfile, "vehicle": "n015",
                               "date_captured": self.logfile[5:15], "location": LOCATIONS[self.index % len(LOCATIONS)]})
         map_file = f"maps/{tok('map')}.png"
@@ -359,6 +372,10 @@ class SceneWriter:
                                      "prev": sample_toks[k - 1] if k else "", "next": sample_toks[k + 1] if k + 1 < n_keys else "",
                                      "scene_token": scene_tok})
 
+    def _write_streams(self, sample_toks: list[str]):
+        """Every sensor's files, ego poses and sample_data rows; returns what annotation needs."""
+        cfg, tok, tables = self.cfg, self.tok, self.tables
+        n_keys = len(sample_toks)
         timeline = self._timeline()
         key_lidar: dict[int, np.ndarray] = {}
         key_radar: dict[int, list[np.ndarray]] = {k: [] for k in range(n_keys)}
@@ -397,14 +414,13 @@ class SceneWriter:
                     "width": cfg.image_width if modality == "camera" else 0, "filename": rel,
                     "prev": sd_toks[j - 1] if j else "", "next": sd_toks[j + 1] if j + 1 < len(rows) else "",
                 })
-        self._annotate(sample_toks, key_lidar_t, key_lidar, key_lidar_vis, key_radar)
+        return key_lidar, key_lidar_vis, key_radar
 
     def _annotate(self, sample_toks, key_t, key_lidar, key_lidar_vis, key_radar) -> None:
         tok, tables, o = self.tok, self.tables, self.world.objects
         lidar = self.rig[LIDAR_CHANNEL]
         cat_tok = {c["name"]: c["token"] for c in self.static_tables["category"]}
         att_tok = {a["name"]: a["token"] for a in self.static_tables["attribute"]}
-        per_instance: dict[int, list[str]] = {}
         rows_by_obj: dict[int, list[dict]] = {}
         for k, t in enumerate(key_t):
             pos, yaw, ego2global = self._ego(t)
@@ -427,7 +443,6 @@ class SceneWriter:
                     "rotation": yaw_quaternion(float(b[6])), "prev": "", "next": "",
                     "num_lidar_pts": int(n_lidar[j]), "num_radar_pts": int(n_radar[j]),
                 })
-                per_instance.setdefault(int(i), []).append(ann_tok)
         for i in sorted(rows_by_obj):
             rows = rows_by_obj[i]
             for a, b in zip(rows[:-1], rows[1:]):
@@ -437,9 +452,6 @@ class SceneWriter:
             tables["instance"].append({"token": tok("instance", i), "category_token": cat_tok[CATEGORY[name]],
                                        "nbr_annotations": len(rows), "first_annotation_token": rows[0]["token"],
                                        "last_annotation_token": rows[-1]["token"]})
-
-
-_EGO_FRAME = Sensor("ego", "none", np.zeros(3), np.eye(3), None, 0.0)
 
 
 def _points_to_global(p: np.ndarray, m: np.ndarray) -> np.ndarray:

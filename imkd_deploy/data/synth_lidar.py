@@ -108,7 +108,7 @@ def cast_lidar(boxes: np.ndarray, cls: np.ndarray, sensor_height: float, ground_
     half = boxes[box][:, [4, 3, 5]] / 2
     t, axis = _slab(o_l, d_l, half)
     hit = np.isfinite(t)
-    ray, box, t, axis, o_l, d_l = ray[hit], box[hit], t[hit], axis[hit], o_l[hit], d_l[hit]
+    ray, box, t, axis, o_l, d_l, half = ray[hit], box[hit], t[hit], axis[hit], o_l[hit], d_l[hit], half[hit]
     rays_hit = np.bincount(box, minlength=len(boxes))
 
     # Nearest box per ray, then compare with the ground.
@@ -139,7 +139,7 @@ def cast_lidar(boxes: np.ndarray, cls: np.ndarray, sensor_height: float, ground_
     hit_l = o_l[sel] + d_l[sel] * t[sel][:, None]
     cos_inc = np.abs(d_l[sel][np.arange(len(sel)), axis[sel]])
     val = (_INT_MEAN[k] + rng.standard_normal(len(sel)) * _INT_STD[k]) * (0.45 + 0.55 * cos_inc)
-    hb = half[hit][sel]
+    hb = half[sel]
     z_rel = (hit_l[:, 2] + hb[:, 2]) / (2 * hb[:, 2])             # 0 bottom .. 1 top
     plate = _VEHICLES[k] & (axis[sel] == 0) & (np.abs(hit_l[:, 1]) < 0.3) & (z_rel > 0.2) & (z_rel < 0.38)
     band = (k == _CONE) & (z_rel > 0.45) & (z_rel < 0.65)

@@ -99,6 +99,7 @@ def network_from_onnx(onnx_path: Path, backend: str = "tensorrt-rtx", verbose: b
         raise UserError(f"ONNX model not found: {onnx_path}")
     trt = load_tensorrt(backend)
     _refuse_plugin_nodes_on_rtx(trt, onnx_path)
+    _refuse_scatter_reductions(trt, onnx_path)
     logger = make_logger(trt, verbose)
     plugins = register_imkd_plugins(trt)           # the parser looks creators up by op + namespace
     builder = trt.module.Builder(logger)
@@ -125,9 +126,25 @@ def _refuse_plugin_nodes_on_rtx(trt: TensorRT, onnx_path: Path) -> None:
     if custom:
         raise UserError(
             f"{onnx_path} has custom-op nodes ({', '.join(custom)}), and {trt.backend} {trt.version} cannot build "
-            "plugin layers. Export the model with `imkd export --ops onnx` for tensorrt-rtx "
+            "plugin layers. Export the model with `imkd export --ops tensorrt` for tensorrt-rtx "
             "(plugins need NVIDIA TensorRT >= 10.6 on a GPU machine)."
         )
+
+
+def _refuse_scatter_reductions(trt: TensorRT, onnx_path: Path) -> None:
+    """TensorRT's ONNX parser rejects ScatterND/ScatterElements with a reduction (checked on
+    RTX 1.7: "ScatterND with reduction is not supported"), which `--ops onnx` uses for
+    BEVPool because it is ONNX Runtime's fastest form. Say which export to use instead."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type in ("ScatterND", "ScatterElements"):
+            reduction = next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
+            if reduction != "none":
+                raise UserError(
+                    f"{onnx_path} has {node.op_type}(reduction='{reduction}') (node '{node.name}'), which "
+                    f"{trt.backend} {trt.version} cannot parse: it comes from `imkd export --ops onnx` (the fast "
+                    "ONNX Runtime form). For engines export with `--ops tensorrt` (or `--ops plugin` on NVIDIA "
+                    "TensorRT >= 10.6) and calibrate that model.")
 
 
 def _describe_parser_error(err) -> str:

@@ -64,6 +64,7 @@ class EngineSidecar:
     # ModelConfig.to_dict() of the exported model: the runtime needs it and the ONNX may not
     # travel with the engine. None for sidecars written before this field existed.
     model_config: dict[str, Any] | None = None
+    bevpool_max_interval: int | None = None      # --ops tensorrt exports: the scan's bound
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -115,6 +116,15 @@ def onnx_model_config(onnx_path: Path) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
+def _onnx_scan_bound(onnx_path: Path) -> int | None:
+    from imkd_deploy.export.metadata import read_metadata
+
+    try:
+        return read_metadata(onnx_path).get("bevpool_max_interval")
+    except UserError:
+        return None
+
+
 def _find_key(meta: Any, keys: tuple[str, ...]) -> str | None:
     """First value under any of `keys`, searching nested dicts breadth-first."""
     queue = [meta]
@@ -153,6 +163,7 @@ def make_sidecar(onnx_path, engine_path, trt, settings, profiles, targets, plugi
         },
         imkd_version=__version__,
         model_config=onnx_model_config(onnx_path),
+        bevpool_max_interval=_onnx_scan_bound(onnx_path),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
 

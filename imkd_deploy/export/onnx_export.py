@@ -31,7 +31,10 @@ from imkd_deploy.export.metadata import atomic_write_text, embed, file_sha256, s
 from imkd_deploy.runtime.backends import INPUT_NAMES, OUTPUT_NAMES, OnnxRuntimeBackend, TorchBackend
 
 OPSET = 18
-OPS_MODES = ("plugin", "onnx")
+OPS_MODES = ("plugin", "onnx", "tensorrt")
+# --ops tensorrt sums BEVPool intervals with a fixed number of doubling steps: sized for this
+# many times the export rig's longest interval, so other rigs of the same kind fit too.
+SCAN_MARGIN = 4
 
 
 class _ExportWrapper(nn.Module):
@@ -142,16 +145,23 @@ def export_model(model: nn.Module, cfg: ModelConfig, out: Path, ops: str = "plug
     model = model.eval()
     inputs = example_inputs(cfg, frame)
     args = tuple(torch.from_numpy(inputs[n]) for n in INPUT_NAMES)
+    max_interval = None
+    if ops == "tensorrt":
+        from imkd_deploy.ops.bev_pool import scan_steps
+
+        max_interval = 2 ** scan_steps(SCAN_MARGIN * int(inputs["interval_lengths"].max()))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             _ExportWrapper(model), args, dynamo=True, opset_version=opset,
             input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-            dynamic_shapes=_dynamic_shapes(), custom_translation_table=onnx_translation_table(ops),
+            dynamic_shapes=_dynamic_shapes(), custom_translation_table=onnx_translation_table(ops, max_interval),
             external_data=False, optimize=True, verbose=False,
         )
     proto = program.model_proto
     meta = build_metadata(cfg, ops, checkpoint_hash, opset)
+    if max_interval is not None:
+        meta["bevpool_max_interval"] = max_interval
     embed(proto, meta)
     tmp = out.with_name(f".{out.name}.tmp")
     try:

@@ -12,15 +12,17 @@ from typing import Any
 _REGISTERED_KEY = "imkd.ort_kernels_registered"
 
 
-def onnx_translation_table(mode: str) -> dict:
+def onnx_translation_table(mode: str, max_interval: int | None = None) -> dict:
     """custom_translation_table for torch.onnx.export(dynamo=True) covering every imkd op.
 
     mode "plugin": imkd-domain nodes (imkd::BEVPool, imkd::IntensityFusion) with the
-    plugin_namespace/plugin_version attributes TensorRT needs; "onnx": standard ops only.
+    plugin_namespace/plugin_version attributes TensorRT needs; "onnx": standard ops only
+    (fastest in ONNX Runtime); "tensorrt": standard ops without scatter reductions, for
+    TensorRT builds without plugins (needs the rig's longest BEVPool interval).
     """
     from imkd_deploy.ops import bev_pool, intensity_fusion
 
-    table = dict(bev_pool.onnx_translations(mode))
+    table = dict(bev_pool.onnx_translations(mode, max_interval))
     table.update(intensity_fusion.onnx_translations(mode))
     return table
 

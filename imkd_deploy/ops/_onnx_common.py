@@ -14,7 +14,7 @@ from imkd_deploy.errors import UserError
 IMKD_DOMAIN = "imkd"
 PLUGIN_NAMESPACE = "imkd"
 PLUGIN_VERSION = "1"
-OPS_MODES = ("plugin", "onnx")
+OPS_MODES = ("plugin", "onnx", "tensorrt")
 
 IMKD_OPSET = onnxscript.values.Opset(IMKD_DOMAIN, 1)
 

@@ -498,10 +498,71 @@ def bev_pool_onnx(
     return op.Transpose(grid, perm=[0, 3, 1, 2])
 
 
-def onnx_translations(mode: str) -> dict:
+def scan_steps(max_interval: int) -> int:
+    """Doubling steps the ``tensorrt`` lowering needs to sum intervals up to ``max_interval`` points."""
+    return max(1, int(np.ceil(np.log2(max(int(max_interval), 2)))))
+
+
+def make_bev_pool_tensorrt(max_interval: int):
+    """--ops tensorrt: standard ops WITHOUT scatter reductions, which TensorRT's ONNX parser
+    rejects (TensorRT-RTX 1.7: "ScatterND with reduction is not supported", ScatterElements:
+    "Unsupported reduction type"), and which plugins cannot replace there.
+
+    Points are sorted by cell, so each cell's points are one contiguous interval. A segmented
+    inclusive scan (Hillis-Steele: at step t every point adds the partial sum 2^t rows above
+    it when that row is in the same cell) leaves each interval's total at its last point;
+    one Gather picks those totals and a plain ScatterND writes them to their (unique) cells.
+    Sums are pairwise, never a long prefix sum minus another, so fp32 error stays at the
+    reference's level. The step count is static: intervals longer than ``2**steps`` points
+    would be summed partially, so the export records the bound and the runtime checks it.
+    Traced (not @script) so the loop over steps unrolls into plain nodes, no ONNX Loop.
+    """
+    steps = scan_steps(max_interval)
+
+    def bev_pool_tensorrt(
+        depth: FLOAT, feat: FLOAT, ranks_depth: INT32, ranks_feat: INT32, ranks_bev: INT32,
+        interval_starts: INT32, interval_lengths: INT32, ny: int, nx: int,
+    ) -> FLOAT:
+        batch = op.Shape(depth, start=0, end=1)
+        channels = op.Shape(feat, start=4, end=5)
+        neg1 = op.Constant(value_ints=[-1])
+        zero_i = op.Constant(value_ints=[0])
+        ny_t = op.Constant(value_ints=[ny])
+        nx_t = op.Constant(value_ints=[nx])
+        depth_pts = op.Gather(op.Reshape(depth, neg1), ranks_depth, axis=0)
+        feat_pts = op.Gather(op.Reshape(feat, op.Concat(neg1, channels, axis=0)), ranks_feat, axis=0)
+        vals = op.Mul(feat_pts, op.Unsqueeze(depth_pts, op.Constant(value_ints=[1])))
+        n = op.Shape(vals, start=0, end=1)
+        minus_one = op.CastLike(op.Constant(value_int=-1), ranks_bev)   # no cell has rank -1
+        for t in range(steps):
+            k = 1 << t
+            # row i - k (zeros / cell -1 above the first row): Pad on top, keep the first n rows
+            shifted = op.Slice(op.Pad(vals, op.Constant(value_ints=[k, 0, 0, 0])), zero_i, n, zero_i)
+            cell_above = op.Slice(op.Pad(ranks_bev, op.Constant(value_ints=[k, 0]), minus_one), zero_i, n, zero_i)
+            same = op.Unsqueeze(op.Equal(ranks_bev, cell_above), op.Constant(value_ints=[1]))
+            vals = op.Add(vals, op.Where(same, shifted, op.CastLike(op.Constant(value_float=0.0), vals)))
+        last = op.Sub(op.Add(interval_starts, interval_lengths), op.CastLike(op.Constant(value_int=1), interval_starts))
+        sums = op.Gather(vals, last, axis=0)
+        cells = op.Unsqueeze(op.Cast(op.Gather(ranks_bev, interval_starts, axis=0), to=INT64.dtype),
+                             op.Constant(value_ints=[1]))
+        zero = op.CastLike(op.Constant(value_float=0.0), vals)
+        acc = op.Expand(zero, op.Concat(op.Mul(op.Mul(batch, ny_t), nx_t), channels, axis=0))
+        acc = op.ScatterND(acc, cells, sums)
+        grid = op.Reshape(acc, op.Concat(batch, ny_t, nx_t, channels, axis=0))
+        return op.Transpose(grid, perm=[0, 3, 1, 2])
+
+    return bev_pool_tensorrt
+
+
+def onnx_translations(mode: str, max_interval: int | None = None) -> dict:
     """{torch op overload: onnxscript function} for torch.onnx.export(custom_translation_table=...):
-    mode "plugin" (imkd::BEVPool node) or "onnx" (standard ops)."""
+    mode "plugin" (imkd::BEVPool node), "onnx" (standard ops, ScatterND add: fastest in ONNX
+    Runtime) or "tensorrt" (standard ops TensorRT parses; needs the longest interval)."""
     check_mode(mode)
+    if mode == "tensorrt":
+        if max_interval is None:
+            raise UserError("--ops tensorrt needs the longest BEVPool interval of the rig (max_interval)")
+        return {torch.ops.imkd.bev_pool.default: make_bev_pool_tensorrt(max_interval)}
     return {torch.ops.imkd.bev_pool.default: bev_pool_plugin if mode == "plugin" else bev_pool_onnx}
 
 

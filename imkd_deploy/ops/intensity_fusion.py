@@ -185,7 +185,8 @@ def intensity_fusion_onnx(
 
 
 def onnx_translations(mode: str) -> dict:
-    """{torch op overload: onnxscript function} for mode "plugin" or "onnx"."""
+    """{torch op overload: onnxscript function} for mode "plugin", or standard ops for "onnx"
+    and "tensorrt" (the lowering has no scatter, so TensorRT parses it as is)."""
     check_mode(mode)
     fn = intensity_fusion_plugin if mode == "plugin" else intensity_fusion_onnx
     return {torch.ops.imkd.intensity_fusion.default: fn}

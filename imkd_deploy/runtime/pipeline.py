@@ -34,9 +34,12 @@ class FrameResult:
 
 
 class Pipeline:
-    def __init__(self, backend: Backend, cfg: ModelConfig, *, score_threshold: float = 0.1, max_boxes: int = 500):
+    def __init__(self, backend: Backend, cfg: ModelConfig, *, score_threshold: float = 0.1, max_boxes: int = 500,
+                 max_interval: int | None = None):
         self.backend = backend
         self.cfg = cfg
+        # --ops tensorrt models sum BEVPool intervals up to this many points (export metadata)
+        self.max_interval = max_interval or getattr(backend, "max_interval", None)
         self.score_threshold = score_threshold
         self.max_boxes = max_boxes
 
@@ -53,7 +56,8 @@ class Pipeline:
             from imkd_deploy.export.metadata import read_metadata
 
             meta = read_metadata(model)
-            return cls(OnnxRuntimeBackend(model), ModelConfig.from_dict(meta["config"]), **kwargs)
+            return cls(OnnxRuntimeBackend(model), ModelConfig.from_dict(meta["config"]),
+                       max_interval=meta.get("bevpool_max_interval"), **kwargs)
         if kind == "tensorrt":
             from imkd_deploy.runtime.trt_backend import TensorRTBackend
 
@@ -64,6 +68,13 @@ class Pipeline:
     def __call__(self, frame: Frame) -> FrameResult:
         t0 = time.perf_counter()
         pre = preprocess(frame, self.cfg)
+        if self.max_interval is not None:
+            longest = int(pre.inputs["interval_lengths"].max(initial=0))
+            if longest > self.max_interval:
+                raise UserError(
+                    f"frame {frame.sample_token}: this camera rig puts {longest} frustum points into one BEV cell, "
+                    f"but the model was exported with --ops tensorrt for at most {self.max_interval}; re-export it "
+                    "with --dataroot pointing at a drive recorded with this rig")
         t1 = time.perf_counter()
         outputs = self.backend.run(pre.inputs)
         t2 = time.perf_counter()

@@ -329,6 +329,7 @@ class TensorRTBackend:
         api = _cuda_api()
         check_engine_loadable(engine_path, self.sidecar, trt, probe_device(device, api))
         self.config = engine_model_config(engine_path, self.sidecar)
+        self.max_interval = self.sidecar.bevpool_max_interval
         self.trt, self.api, self.device = trt, api, device
         self.use_cuda_graph = use_cuda_graph and api.supports_graphs
         if use_cuda_graph and not api.supports_graphs:

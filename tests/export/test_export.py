@@ -105,6 +105,37 @@ def test_corrupt_or_truncated_onnx_is_a_clear_error(tmp_path, tiny_model):
 
 def test_bad_ops_mode_and_suffix(tmp_path, tiny_model):
     with pytest.raises(UserError, match="--ops"):
-        export_model(tiny_model, tiny(), tmp_path / "m.onnx", "tensorrt")
+        export_model(tiny_model, tiny(), tmp_path / "m.onnx", "trt")
     with pytest.raises(UserError, match=".onnx"):
         export_model(tiny_model, tiny(), tmp_path / "m.bin", "onnx")
+
+
+def test_tensorrt_lowering_matches_torch_and_guards_its_bound(tmp_path, tiny_model):
+    """--ops tensorrt: no scatter reductions, same numbers as torch on another rig; a rig with
+    longer intervals than the export's bound is refused, not silently truncated."""
+    from imkd_deploy.runtime.pipeline import Pipeline
+
+    cfg = tiny()
+    res = export_model(tiny_model, cfg, tmp_path / "trt.onnx", "tensorrt")
+    assert res.passed, [r.line() for r in res.parity]
+    proto = onnx.load(str(res.path))
+    for node in proto.graph.node:
+        if node.op_type.startswith("Scatter"):
+            assert all(a.name != "reduction" or a.s == b"none" for a in node.attribute), node.name
+    inputs = _other_rig_inputs(cfg)
+    rows = compare_outputs(OnnxRuntimeBackend(res.path).run(inputs), TorchBackend(tiny_model).run(inputs),
+                           atol=1e-4, rtol=1e-3, names=list(OUTPUT_NAMES))
+    assert all_passed(rows), [r.line() for r in rows]
+    bound = res.metadata["bevpool_max_interval"]
+    pipe = Pipeline.from_model(res.path)
+    assert pipe.max_interval == bound
+    from imkd_deploy.data.frame import Frame
+    from imkd_deploy.ops.bev_pool import example_rig
+
+    intr, c2e, aug = example_rig(cfg)
+    frame = Frame("tok", "scene", 0, np.zeros((cfg.num_cams, *cfg.image_size, 3), np.uint8), intr, c2e, np.eye(4), aug,
+                  np.array([[5.0, 1.0, 0.5, 10.0, 0.0, 0.0, 0.0]], np.float32), None,
+                  np.zeros((0, 9), np.float32), np.zeros(0, np.int64))
+    pipe.max_interval = int(example_inputs(cfg)["interval_lengths"].max()) - 1   # as if the rig outgrew it
+    with pytest.raises(UserError, match="re-export"):
+        pipe(frame)

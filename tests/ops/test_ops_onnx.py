@@ -61,10 +61,13 @@ def exported(tmp_path_factory):
     dyn = dict(zip(INPUT_NAMES, [{0: batch}, {0: batch}, {0: points}, {0: points}, {0: points},
                                  {0: cells}, {0: cells}, {0: batch}, {0: batch}]))
     paths = {}
-    for mode in ("plugin", "onnx"):
+    # the scan lowering's bound: the longest interval of any rig (and batch) the tests run
+    longest = max(int(compute_geometry(*_rig(y), CFG).interval_lengths.max()) for y in (0.0, 23.0, -40.0))
+    for mode in ("plugin", "onnx", "tensorrt"):
         path = tmp_path_factory.mktemp("onnx") / f"pool_fuse_{mode}.onnx"
+        table = onnx_translation_table(mode, longest if mode == "tensorrt" else None)
         program = torch.onnx.export(model, args, dynamo=True, input_names=INPUT_NAMES, dynamic_shapes=dyn,
-                                    custom_translation_table=onnx_translation_table(mode), verbose=False)
+                                    custom_translation_table=table, verbose=False)
         program.save(str(path))
         paths[mode] = path
     return model, paths
@@ -104,7 +107,17 @@ def test_onnx_mode_uses_standard_ops_only(exported):
     assert {"Conv", "Sigmoid", "Sub"} <= {n.op_type for n in model.graph.node}
 
 
-@pytest.mark.parametrize("mode", ["plugin", "onnx"])
+def test_tensorrt_mode_has_no_scatter_reduction(exported):
+    _, paths = exported
+    model = onnx.load(str(paths["tensorrt"]))
+    onnx.checker.check_model(model, full_check=True)
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    assert not any(n.op_type == "Loop" for n in model.graph.node)       # the scan is unrolled
+    scatters = [n for n in model.graph.node if n.op_type.startswith("Scatter")]
+    assert len(scatters) == 1 and all(a.name != "reduction" or a.s == b"none" for a in scatters[0].attribute)
+
+
+@pytest.mark.parametrize("mode", ["plugin", "onnx", "tensorrt"])
 def test_ort_matches_torch_on_other_geometries(exported, mode):
     model, paths = exported
     sess = _session(paths[mode], mode)
@@ -122,5 +135,5 @@ def test_ort_matches_torch_on_other_geometries(exported, mode):
 
 
 def test_unknown_mode_is_a_user_error():
-    with pytest.raises(UserError, match="plugin\\|onnx"):
+    with pytest.raises(UserError, match="plugin\\|onnx\\|tensorrt"):
         onnx_translation_table("trt")

@@ -162,18 +162,31 @@ def test_plugins_are_not_defined_without_tensorrt_plugin():
 
 
 # --------------------------------------------------------------------------- the student on RTX
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=UserError,
-                   reason="TensorRT-RTX 1.7 parses ScatterND/ScatterElements only without reduction, and the "
-                          "--ops onnx BEVPool lowering is ScatterND(reduction='add'); fails loudly once fixed")
-def test_tiny_student_builds_on_rtx(tmp_path):
-    torch.set_num_threads(1)
+def test_scatter_add_export_is_refused_with_the_export_to_use(tmp_path):
     torch.manual_seed(0)
     from imkd_deploy.model.build import build_student
 
     onnx_path = export_model(build_student(tiny()), tiny(), tmp_path / "tiny.onnx", "onnx", check=False).path
+    with pytest.raises(UserError, match="--ops tensorrt"):
+        build_engine(onnx_path, tmp_path / "tiny.engine", BuildSettings())
+
+
+@pytest.mark.slow
+def test_tiny_student_tensorrt_export_builds_on_rtx(tmp_path):
+    """The --ops tensorrt lowering (segmented scan, plain ScatterND) parses and builds on a CPU."""
+    torch.manual_seed(0)
+    from imkd_deploy.engines.sidecar import read_sidecar
+    from imkd_deploy.model.build import build_student
+
+    res = export_model(build_student(tiny()), tiny(), tmp_path / "tiny.onnx", "tensorrt")
+    assert res.passed, [r.line() for r in res.parity]
     profiles = profiles_from_feeds([example_inputs(tiny(), seed=k) for k in range(3)])
-    build_engine(onnx_path, tmp_path / "tiny.engine", BuildSettings(profiles=profiles))
+    built = build_engine(res.path, tmp_path / "tiny.engine", BuildSettings(profiles=profiles))
+    assert built.engine_path.stat().st_size > 100_000
+    side = read_sidecar(built.engine_path)
+    assert side.bevpool_max_interval == res.metadata["bevpool_max_interval"] >= 4 * int(
+        example_inputs(tiny())["interval_lengths"].max())
+    assert side.model_config["image_size"] == list(tiny().image_size)
 
 
 # --------------------------------------------------------------------------- GPU
