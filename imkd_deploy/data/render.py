@@ -48,9 +48,12 @@ def _render_config(nusc, sample_token: str) -> ModelConfig:
     return ModelConfig(image_size=(out_h, out_w), downsample=1, radar_sweeps=3, lidar_sweeps=1)
 
 
-def project_boxes(frame: Frame, cam: int, min_depth: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """GT box edges in camera ``cam``'s pixels, boxes fully in front only: (B, 12, 2, 2) and box indices."""
-    corners = box_corners(frame.gt_boxes[:, :7]) if len(frame.gt_boxes) else np.zeros((0, 8, 3))
+def project_boxes(frame: Frame, cam: int, min_depth: float = 0.5, boxes: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Box edges (GT unless ``boxes`` is given) in camera ``cam``'s pixels, boxes fully in
+    front only: (B, 12, 2, 2) and box indices."""
+    boxes = frame.gt_boxes if boxes is None else boxes
+    corners = box_corners(boxes[:, :7]) if len(boxes) else np.zeros((0, 8, 3))
     ego2cam = invert_rigid(frame.cam2ego[cam])
     xyz = corners @ ego2cam[:3, :3].T + ego2cam[:3, 3]
     front = (xyz[..., 2] > min_depth).all(axis=1)
@@ -60,22 +63,43 @@ def project_boxes(frame: Frame, cam: int, min_depth: float = 0.5) -> tuple[np.nd
     return uv[:, _EDGES], np.nonzero(front)[0]
 
 
-def _draw_camera(ax, frame: Frame, cam: int, colors: np.ndarray) -> None:
+def _draw_camera(ax, frame: Frame, cam: int, colors: np.ndarray, pred=None) -> None:
     from matplotlib.collections import LineCollection
 
     img = frame.images[cam]
     ax.imshow(img)
-    segments, box_idx = project_boxes(frame, cam)
-    if len(segments):
-        edge_colors = np.repeat(colors[frame.gt_labels[box_idx]], len(_EDGES), axis=0)
-        ax.add_collection(LineCollection(segments.reshape(-1, 2, 2), colors=edge_colors, linewidths=1.0))
+    # GT solid; with predictions, GT thin dashed and predictions solid
+    layers = [(frame.gt_boxes, frame.gt_labels, "--" if pred is not None else "-", 0.7 if pred is not None else 1.0)]
+    if pred is not None:
+        layers.append((pred[0], pred[1], "-", 1.4))
+    for boxes, labels, style, width in layers:
+        segments, box_idx = project_boxes(frame, cam, boxes=boxes)
+        if len(segments):
+            edge_colors = np.repeat(colors[labels[box_idx]], len(_EDGES), axis=0)
+            ax.add_collection(LineCollection(segments.reshape(-1, 2, 2), colors=edge_colors, linewidths=width,
+                                             linestyles=style))
     ax.set_xlim(0, img.shape[1])
     ax.set_ylim(img.shape[0], 0)
     ax.set_title(frame.camera_channels[cam], fontsize=9)
     ax.axis("off")
 
 
-def _draw_bev(ax, frame: Frame, colors: np.ndarray) -> None:
+def _draw_bev_boxes(ax, boxes: np.ndarray, labels: np.ndarray, colors: np.ndarray, style: str = "-",
+                    width: float = 1.0) -> None:
+    from matplotlib.collections import LineCollection
+
+    bottom = box_corners(boxes[:, :7])[:, :4, :2]
+    outline = np.stack([bottom, np.roll(bottom, -1, axis=1)], axis=2).reshape(-1, 2, 2)
+    box_colors = colors[labels]
+    ax.add_collection(LineCollection(outline, colors=np.repeat(box_colors, 4, axis=0), linewidths=width,
+                                     linestyles=style))
+    front = bottom[:, [0, 1]].mean(axis=1)
+    ax.add_collection(LineCollection(np.stack([boxes[:, :2], front], 1), colors=box_colors, linewidths=width))
+    ax.quiver(boxes[:, 0], boxes[:, 1], boxes[:, 7], boxes[:, 8], color=box_colors, angles="xy",
+              scale_units="xy", scale=1.0, width=0.003)
+
+
+def _draw_bev(ax, frame: Frame, colors: np.ndarray, pred=None) -> None:
     from matplotlib.collections import LineCollection
 
     if frame.lidar_points is not None and len(frame.lidar_points):
@@ -87,27 +111,28 @@ def _draw_bev(ax, frame: Frame, colors: np.ndarray) -> None:
         ax.scatter(rp[:, 0], rp[:, 1], c=_RADAR_COLOR, s=6, linewidths=0, zorder=3)
         ax.quiver(rp[:, 0], rp[:, 1], rp[:, 4], rp[:, 5], color=_RADAR_COLOR, angles="xy", scale_units="xy",
                   scale=1.0, width=0.002, zorder=3)
-    boxes = frame.gt_boxes
-    if len(boxes):
-        bottom = box_corners(boxes[:, :7])[:, :4, :2]
-        outline = np.stack([bottom, np.roll(bottom, -1, axis=1)], axis=2).reshape(-1, 2, 2)
-        box_colors = colors[frame.gt_labels]
-        ax.add_collection(LineCollection(outline, colors=np.repeat(box_colors, 4, axis=0), linewidths=1.0))
-        # Heading: centre to the middle of the front face.
-        front = bottom[:, [0, 1]].mean(axis=1)
-        ax.add_collection(LineCollection(np.stack([boxes[:, :2], front], 1), colors=box_colors, linewidths=1.0))
-        ax.quiver(boxes[:, 0], boxes[:, 1], boxes[:, 7], boxes[:, 8], color=box_colors, angles="xy",
-                  scale_units="xy", scale=1.0, width=0.003)
+    if len(frame.gt_boxes):   # heading drawn from the centre to the middle of the front face
+        _draw_bev_boxes(ax, frame.gt_boxes, frame.gt_labels, colors, "--" if pred is not None else "-",
+                        0.7 if pred is not None else 1.0)
+    if pred is not None and len(pred[0]):
+        _draw_bev_boxes(ax, pred[0], pred[1], colors, "-", 1.4)
     ax.plot([0], [0], marker=(3, 0, -90), color="black", markersize=8)
     ax.set_xlim(-_BEV_RANGE_M, _BEV_RANGE_M)
     ax.set_ylim(-_BEV_RANGE_M, _BEV_RANGE_M)
     ax.set_aspect("equal")
-    ax.set_title("BEV (ego frame, x forward): LiDAR, radar + v_comp, GT + velocity", fontsize=9)
+    ax.set_title("BEV (ego frame, x forward): LiDAR, radar + v_comp, "
+                 + ("GT dashed, detections solid" if pred is not None else "GT + velocity"), fontsize=9)
     ax.tick_params(labelsize=7)
 
 
-def render_frame(frame: Frame, out_png: Path, title: str = "") -> Path:
-    """Draw a loaded frame: 6 cameras with GT boxes and a BEV panel; atomic PNG write."""
+def render_detections(frame: Frame, detections, out_png: Path, title: str = "") -> Path:
+    """A frame with a model's detections (``runtime.decode.Detections``) over its GT."""
+    return render_frame(frame, out_png, title, pred=(np.asarray(detections.boxes), np.asarray(detections.labels)))
+
+
+def render_frame(frame: Frame, out_png: Path, title: str = "", pred=None) -> Path:
+    """Draw a loaded frame: 6 cameras with GT boxes (and ``pred`` = (boxes, labels) if given)
+    and a BEV panel; atomic PNG write."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,10 +144,10 @@ def render_frame(frame: Frame, out_png: Path, title: str = "") -> Path:
     grid = fig.add_gridspec(2, 4, width_ratios=[1, 1, 1, 1.05], wspace=0.03, hspace=0.08)
     order = [frame.camera_channels.index(c) for c in _LAYOUT if c in frame.camera_channels]
     for slot, cam in enumerate(order):
-        _draw_camera(fig.add_subplot(grid[slot // 3, slot % 3]), frame, cam, colors)
+        _draw_camera(fig.add_subplot(grid[slot // 3, slot % 3]), frame, cam, colors, pred)
     bev = fig.add_subplot(grid[:, 3])
-    _draw_bev(bev, frame, colors)
-    present = sorted(set(frame.gt_labels.tolist()))
+    _draw_bev(bev, frame, colors, pred)
+    present = sorted(set(frame.gt_labels.tolist()) | (set(pred[1].tolist()) if pred is not None else set()))
     bev.legend(handles=[Line2D([], [], color=colors[i], label=CLASS_NAMES[i]) for i in present],
                fontsize=7, loc="lower left", ncol=2)
     text = title or f"{frame.scene_name}  sample {frame.sample_token}"

@@ -129,9 +129,9 @@ def _part_polygons(boxes: np.ndarray, cls: np.ndarray, colour: np.ndarray, rider
                               s * local[..., 0] + c * local[..., 1] + b[:, None, 1],
                               local[..., 2] + b[:, None, 2]], -1)
             fc = world[:, _FACES]                                              # (n, 6, 4, 3)
-            nrm = np.einsum("nij,fj->nfi", np.stack([np.stack([c[:, 0], -s[:, 0], 0 * c[:, 0]], 1),
-                                                     np.stack([s[:, 0], c[:, 0], 0 * c[:, 0]], 1),
-                                                     np.tile([0.0, 0.0, 1.0], (len(b), 1))], 1), _FACE_NORMALS)
+            fn = _FACE_NORMALS                                                 # yaw-only rotation of the 6 normals
+            nrm = np.stack([c * fn[:, 0] - s * fn[:, 1], s * fn[:, 0] + c * fn[:, 1],
+                            np.broadcast_to(fn[:, 2], (len(b), 6))], -1)     # (n, 6, 3)
             base = colour[use].astype(np.float32) * tint if col is None else np.tile(np.array(col, np.float32), (len(b), 1))
             n = len(b)
             ids = np.arange(part_id, part_id + n)
