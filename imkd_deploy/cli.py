@@ -236,7 +236,7 @@ def infer_cmd(
     scenes: Optional[str] = typer.Option(None, help="Comma-separated scene names instead of --split."),
     out_path: Path = typer.Option(Path("results.json"), "--out", help="nuScenes submission JSON (written atomically)."),
     backend: Optional[str] = typer.Option(None, help="Force a backend: torch | onnxruntime | tensorrt (default: from the file type)."),
-    score_threshold: float = typer.Option(0.1, help="Drop detections scoring below this."),
+    score_threshold: float = typer.Option(0.05, help="Drop detections scoring below this (imkd eval --checkpoint uses the same default)."),
     eval_: bool = typer.Option(False, "--eval", help="Score the submission with the nuScenes metrics (needs GT and --split)."),
     render: Optional[Path] = typer.Option(None, help="Write one PNG per frame into this folder (BEV detections vs GT + cameras)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its journal; the result equals an uninterrupted run."),
@@ -371,37 +371,6 @@ calibrate_app = typer.Typer(
 app.add_typer(calibrate_app, name="calibrate")
 
 
-def _model_config_of(onnx_path: Path):
-    from imkd_deploy.config import ModelConfig
-    from imkd_deploy.export.metadata import read_metadata
-
-    return ModelConfig.from_dict(read_metadata(onnx_path)["config"])
-
-
-def run_calibration(model: Path, set_path: Optional[Path], precision: str, out_path: Optional[Path],
-                    dataroot: Optional[Path], method: str, sensitivity_target: Optional[float]):
-    from imkd_deploy.calibration.calib_set import read_manifest
-    from imkd_deploy.calibration.calibrate import calibrate
-    from imkd_deploy.calibration.quantize import QuantizeSettings
-
-    if precision not in ("int8", "fp16"):
-        raise UserError(f"--precision must be int8 or fp16, got '{precision}'")
-    if not Path(model).is_file():
-        raise UserError(f"model {model} does not exist")
-    out_path = out_path or Path(model).with_name(f"{Path(model).stem}.{precision}.onnx")
-    feeds = None
-    if precision == "int8":
-        if set_path is None:
-            raise UserError("--precision int8 needs --set calibration/NAME.txt (make one with `imkd calibrate make-set`)")
-        if dataroot is None:
-            raise UserError("--precision int8 reads the calibration frames: give --dataroot")
-        from imkd_deploy.calibration.feeds import frame_feeds
-
-        feeds = frame_feeds(dataroot, read_manifest(set_path), _model_config_of(model))
-    return calibrate(model, set_path, precision, out_path, feeds=feeds, settings=QuantizeSettings(method=method),
-                     sensitivity_target=sensitivity_target)
-
-
 @calibrate_app.callback()
 def calibrate_cmd(
     ctx: typer.Context,
@@ -414,13 +383,15 @@ def calibrate_cmd(
     sensitivity_target: Optional[float] = typer.Option(None, help="Run the sensitivity pass: keep layers FP32, worst first, until the relative output error is below this (e.g. 0.02)."),
 ) -> None:
     """Reduced-precision ONNX from a calibration set (cached by model, set and settings)."""
+    from imkd_deploy.calibration.feeds import calibrate_from_drive
+
     if ctx.invoked_subcommand is not None:
         return
     if model is None:
         out.print(ctx.get_help())
         raise typer.Exit(2)
     try:
-        res = run_calibration(model, set_path, precision, out_path, dataroot, method, sensitivity_target)
+        res = calibrate_from_drive(model, set_path, precision, out_path, dataroot, method, sensitivity_target)
     except UserError as exc:
         _fail(exc)
     out.print(res.summary())
@@ -464,6 +435,7 @@ def build_engine_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Parse only: op coverage and which nodes need plugins."),
 ) -> None:
     """Build a TensorRT / TensorRT-RTX engine with a JSON sidecar (flavour, version, hashes, profiles)."""
+    from imkd_deploy.calibration.feeds import calibrate_from_drive, model_config_of
     from imkd_deploy.engines.builder import BuildSettings, build_engine, dry_run as dry_run_fn, parse_profile
 
     try:
@@ -472,11 +444,11 @@ def build_engine_cmd(
         if precision not in (None, "fp32", "fp16", "int8"):
             raise UserError(f"--precision must be fp32 | fp16 | int8, got '{precision}'")
         if int8 or precision == "int8":
-            res = run_calibration(model, set_path, "int8", None, dataroot, "entropy", None)
+            res = calibrate_from_drive(model, set_path, "int8", None, dataroot, "entropy", None)
             out.print(res.report)
             source = res.out_path
         elif precision == "fp16":
-            res = run_calibration(model, None, "fp16", None, None, "entropy", None)
+            res = calibrate_from_drive(model, None, "fp16", None, None, "entropy", None)
             source = res.out_path
         if not profiles and set_path is not None and dataroot is not None:
             from imkd_deploy.calibration.calib_set import read_manifest
@@ -484,7 +456,7 @@ def build_engine_cmd(
             from imkd_deploy.engines.profiles import profiles_from_feeds
 
             cset = read_manifest(set_path)
-            feed = frame_feeds(dataroot, cset, _model_config_of(model))
+            feed = frame_feeds(dataroot, cset, model_config_of(model))
             profiles = profiles_from_feeds(feed(e) for e in cset.entries[:64])
         settings = BuildSettings(backend=backend, workspace_mb=workspace_mb, profiles=profiles,
                                  compute_capabilities=tuple(compute_capability or ()), calibration_set=set_path)
@@ -496,6 +468,51 @@ def build_engine_cmd(
     except UserError as exc:
         _fail(exc)
     out.print(result.summary())
+
+
+# --------------------------------------------------------------------------- quickstart
+@app.command("quickstart")
+def quickstart_cmd(
+    workdir: Path = typer.Option(Path("imkd-quickstart"), help="Where the drive, runs, exports, engines and results go. A rerun reuses finished steps."),
+    scenes: int = typer.Option(10, min=3, help="Synthetic scenes (10 = the devkit's mini split: 8 train, 2 val)."),
+    samples: int = typer.Option(12, min=2, help="Key frames per scene."),
+    teacher_steps: int = typer.Option(150, min=1, help="Teacher training steps."),
+    student_steps: int = typer.Option(150, min=1, help="Student training steps."),
+    distill: str = typer.Option("all", help="IMKD levels for the student: none | radar | fused | all."),
+    calib_frames: int = typer.Option(32, min=1, help="INT8 calibration frames (a real deployment wants >= 100)."),
+    seed: int = typer.Option(0, help="Seed of the drive and of training."),
+) -> None:
+    """Everything end to end on a synthetic drive, on a CPU: synth, train teacher, distil student, eval,
+    export, calibrate INT8, build an engine (when a TensorRT flavour is installed), infer, eval."""
+    from rich.table import Table
+
+    from imkd_deploy.quickstart import QuickstartSettings, run_quickstart
+
+    settings = QuickstartSettings(scenes=scenes, samples=samples, teacher_steps=teacher_steps,
+                                  student_steps=student_steps, distill=distill, calib_frames=calib_frames, seed=seed)
+    try:
+        res = run_quickstart(workdir, settings, log=lambda m: out.print(f"[bold cyan]quickstart[/] {m}"))
+    except UserError as exc:
+        _fail(exc)
+    t = Table(title=f"quickstart summary: synthetic mini_val, {res.seconds / 60:.1f} min in all")
+    for col in ("model / backend", "precision", "NDS", "mAP", "network p50 ms", "frame p50 ms"):
+        t.add_column(col, justify="left" if col in ("model / backend", "precision") else "right")
+    for row in res.table:
+        lat = row["latency_ms"]
+        t.add_row(row["backend"], row["precision"], f"{row['nds']:.3f}", f"{row['map']:.3f}",
+                  f"{lat['network']['p50']:.1f}" if lat else "-", f"{lat['total']['p50']:.1f}" if lat else "-")
+    out.print(t)
+    for note in res.notes:
+        out.print(note)
+    w = res.workdir
+    out.print(f"BEV picture: {res.picture}\nsummary: {w / 'summary.json'}")
+    out.print("\nnext, try:\n"
+              f"  imkd infer --model {w}/export/student_onnx.onnx --dataroot {w}/drive --split mini_val --eval --render {w}/render\n"
+              f"  imkd bench --dataroot {w}/drive --split mini_val --checkpoint {w}/student/checkpoints/last.safetensors "
+              f"--onnx {w}/export/student_onnx.onnx --int8 {w}/export/student_onnx.int8.onnx\n"
+              f"  imkd train student --dataroot {w}/drive --out {w}/student_plain --distill none --max-steps {student_steps}\n"
+              f"  imkd build-engine --model {w}/export/student_tensorrt.onnx --int8 --set {w}/calibration/mini_train_{calib_frames}.txt "
+              f"--dataroot {w}/drive --dry-run")
 
 
 def main() -> None:

@@ -99,7 +99,7 @@ def _read_journal(path: Path) -> dict[str, dict]:
 
 def infer_drive(model: Path, dataroot: Path, version: str, out: Path, *, split: str | None = None,
                 scenes: list[str] | None = None, shard: tuple[int, int] | None = None, resume: bool = False,
-                score_threshold: float = 0.1, backend: str | None = None, render_dir: Path | None = None,
+                score_threshold: float = 0.05, backend: str | None = None, render_dir: Path | None = None,
                 progress: bool = True, max_frames: int | None = None, console=None) -> InferSummary:
     from imkd_deploy.data.loader import NuScenesDrive
 

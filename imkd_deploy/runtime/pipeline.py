@@ -34,7 +34,7 @@ class FrameResult:
 
 
 class Pipeline:
-    def __init__(self, backend: Backend, cfg: ModelConfig, *, score_threshold: float = 0.1, max_boxes: int = 500,
+    def __init__(self, backend: Backend, cfg: ModelConfig, *, score_threshold: float = 0.05, max_boxes: int = 500,
                  max_interval: int | None = None):
         self.backend = backend
         self.cfg = cfg

@@ -1,0 +1,207 @@
+"""IMKD ablation on a synthetic drive: the LiDAR teacher and the camera+radar student with
+each distillation level switched on or off, scored with the nuScenes metrics on mini_val.
+
+    python benchmarks/distill_ablation.py --out benchmarks/results [--dataroot D]
+        [--scenes 10 --samples 40] [--teacher-steps 400 --student-steps 400] [--seed 0]
+        [--variants none,radar,fused,all,all-nofusion] [--workdir /tmp/imkd_ablation]
+
+Without ``--dataroot`` the drive is written by our own writer (``imkd data synth``, seed 0)
+into ``WORKDIR/drive``; its v1.0-mini scene names put 8 scenes in mini_train and 2 in
+mini_val. Every student variant uses the same seed, steps, batch and teacher, so the only
+difference between rows is the distillation setting. Runs are kept under ``WORKDIR/runs``
+and a finished run is not retrained (its metrics are re-read), so an interrupted ablation
+continues where it stopped. Results: ``OUT/distill_ablation.json`` and ``.md`` (written
+atomically); the table is also printed.
+
+Run it with OMP_NUM_THREADS=1 on a shared machine: torch's default thread count makes a
+CPU step many times slower when other processes compete for the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from imkd_deploy.config import RunConfig, TrainConfig, tiny
+
+SPLIT_TRAIN, SPLIT_VAL, VERSION = "mini_train", "mini_val", "v1.0-mini"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str            # row label and run-directory name
+    role: str            # teacher | student
+    levels: str          # DistillConfig.levels
+    intensity_fusion: bool = True
+    note: str = ""
+
+
+VARIANTS = {
+    "teacher": Variant("teacher", "teacher", "none", note="LiDAR pillars (with intensity), trained on GT"),
+    "none": Variant("none", "student", "none", note="camera+radar, detection + depth losses only"),
+    "radar": Variant("radar", "student", "radar", note="+ level 1: LiDAR->radar, intensity-aware"),
+    "fused": Variant("fused", "student", "fused", note="+ level 2: LiDAR->fused, intensity-guided"),
+    "all": Variant("all", "student", "all", note="levels 1+2, intensity-gated fusion (level 3): IMKD"),
+    "all-nofusion": Variant("all-nofusion", "student", "all", intensity_fusion=False,
+                            note="levels 1+2, fusion gate without the radar intensity prior"),
+}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int, seed: int) -> Path:
+    if dataroot is not None:
+        return dataroot
+    from imkd_deploy.data.synth import SynthConfig, write_drive
+
+    drive = workdir / "drive"
+    if not (drive / VERSION).is_dir():
+        print(f"writing a synthetic drive: {scenes} scenes x {samples} samples -> {drive}", flush=True)
+        write_drive(drive, SynthConfig(num_scenes=scenes, samples_per_scene=samples, seed=seed))
+    return drive
+
+
+def run_config(variant: Variant, steps: int, batch: int, seed: int, lr: float | None) -> RunConfig:
+    run = RunConfig(model=tiny())
+    train = run.train.replace(max_steps=steps, batch_size=batch, seed=seed, ckpt_every=steps,
+                              **({"lr": lr} if lr is not None else {}))
+    distill = run.distill.replace(levels=variant.levels, intensity_fusion=variant.intensity_fusion)
+    return run.replace(train=train.to_dict(), distill=distill.to_dict())
+
+
+def train_and_score(variant: Variant, run: RunConfig, drive: Path, runs: Path, frames, val_frames,
+                    teacher_ckpt: Path | None) -> dict:
+    """Train (or reuse a finished run), then decode mini_val and score it."""
+    from imkd_deploy.distill.evaluate import predict_split
+    from imkd_deploy.distill.trainer import fit
+    from imkd_deploy.evaluation.nuscenes_metrics import evaluate_submission
+
+    out = runs / variant.name
+    done = out / "ablation_metrics.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("run") == run.to_dict():
+            print(f"[{variant.name}] reusing {done}", flush=True)
+            return record
+    t0 = time.perf_counter()
+    result = fit(run, drive, out, teacher_ckpt if variant.role == "student" else None, role=variant.role,
+                 version=VERSION, split=SPLIT_TRAIN, resume=True, progress=False, frames=frames)
+    train_s = time.perf_counter() - t0
+    results = predict_split(result.checkpoint, drive, VERSION, SPLIT_VAL, frames=val_frames)
+    metrics = evaluate_submission(results, drive, VERSION, SPLIT_VAL)
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
+    record = {
+        "variant": variant.name, "role": variant.role, "levels": variant.levels,
+        "intensity_fusion": variant.intensity_fusion, "note": variant.note,
+        "nds": metrics["nd_score"], "map": metrics["mean_ap"],
+        "tp_errors": metrics["tp_errors"], "class_ap": metrics["mean_dist_aps"],
+        "train_seconds": round(train_s, 1), "steps": run.train.max_steps,
+        "final_losses": {k: v for k, v in last.items() if k not in ("step", "lr", "elapsed_s", "grad_norm")},
+        "checkpoint": str(result.checkpoint), "run": run.to_dict(),
+    }
+    _write_atomic(done, json.dumps(record, indent=2))
+    print(f"[{variant.name}] NDS {record['nds']:.4f} mAP {record['map']:.4f} ({train_s:.0f} s training)", flush=True)
+    return record
+
+
+def markdown_table(records: list[dict], meta: dict) -> str:
+    base = next((r for r in records if r["variant"] == "none"), None)
+    lines = [
+        "# IMKD distillation ablation (synthetic drive, mini_val)",
+        "",
+        f"Drive: {meta['drive']} ({meta['train_samples']} train / {meta['val_samples']} val samples); "
+        f"teacher {meta['teacher_steps']} steps, every student {meta['student_steps']} steps, batch "
+        f"{meta['batch_size']}, seed {meta['seed']}, `tiny` preset, CPU ({meta['threads']} thread).",
+        "",
+        "| Model | Distillation | NDS | mAP | ΔNDS vs plain student | mATE | mASE | mAOE | mAVE | mAAE |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        delta = "" if base is None or r["role"] == "teacher" else f"{100 * (r['nds'] - base['nds']):+.1f}"
+        tp = r["tp_errors"]
+        lines.append(f"| {r['variant']} | {r['note']} | {r['nds']:.4f} | {r['map']:.4f} | {delta} | "
+                     + " | ".join(f"{tp[k]:.3f}" for k in ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err"))
+                     + " |")
+    lines += ["", "ΔNDS in NDS points (x100). Reproduce: `python benchmarks/distill_ablation.py --out benchmarks/results "
+              f"--teacher-steps {meta['teacher_steps']} --student-steps {meta['student_steps']} --seed {meta['seed']}`.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="results folder (distill_ablation.json / .md)")
+    p.add_argument("--dataroot", type=Path, default=None, help="an existing v1.0-mini drive (default: synthesise one)")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "imkd_ablation",
+                   help="where the synthetic drive and the runs go")
+    p.add_argument("--scenes", type=int, default=10, help="synthetic scenes (>= 10 gives 8 train + 2 val)")
+    p.add_argument("--samples", type=int, default=40, help="key frames per synthetic scene")
+    p.add_argument("--teacher-steps", type=int, default=TrainConfig().max_steps)
+    p.add_argument("--student-steps", type=int, default=TrainConfig().max_steps)
+    p.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
+    p.add_argument("--lr", type=float, default=None, help="override TrainConfig.lr for every run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default="none,radar,fused,all,all-nofusion",
+                   help=f"student rows, comma-separated, from {','.join(v for v in VARIANTS if v != 'teacher')}")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS or n == "teacher"]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}")
+    if args.scenes < 10:
+        p.error("--scenes must be >= 10 (8 train + 2 val scenes with the mini split names)")
+    torch.set_num_threads(args.threads)
+
+    from imkd_deploy.data.loader import NuScenesDrive
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    drive = ensure_drive(args.dataroot, args.workdir, args.scenes, args.samples, args.seed)
+    # Decode every frame once (JPEGs, sweeps) and share it between the six runs.
+    t0 = time.perf_counter()
+    train_drive = NuScenesDrive(drive, VERSION, tiny(), split=SPLIT_TRAIN, load_lidar=True)
+    frames = [train_drive[i] for i in range(len(train_drive))]
+    val_drive = NuScenesDrive(drive, VERSION, tiny(), split=SPLIT_VAL, load_lidar=True)
+    val_frames = [val_drive[i] for i in range(len(val_drive))]
+    print(f"loaded {len(frames)} train / {len(val_frames)} val frames in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    runs = args.workdir / "runs"
+    teacher_run = run_config(VARIANTS["teacher"], args.teacher_steps, args.batch_size, args.seed, args.lr)
+    records = [train_and_score(VARIANTS["teacher"], teacher_run, drive, runs, frames, val_frames, None)]
+    teacher_ckpt = Path(records[0]["checkpoint"])
+    for name in names:
+        run = run_config(VARIANTS[name], args.student_steps, args.batch_size, args.seed, args.lr)
+        records.append(train_and_score(VARIANTS[name], run, drive, runs, frames, val_frames, teacher_ckpt))
+
+    meta = {"drive": str(drive), "train_samples": len(frames), "val_samples": len(val_frames),
+            "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "batch_size": args.batch_size,
+            "seed": args.seed, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine()}
+    table = markdown_table(records, meta)
+    _write_atomic(args.out / "distill_ablation.json", json.dumps({"meta": meta, "rows": records}, indent=2))
+    _write_atomic(args.out / "distill_ablation.md", table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
