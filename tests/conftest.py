@@ -23,3 +23,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def small_drive(tmp_path_factory):
+    """3 scenes (2 mini_train, 1 mini_val) x 5 key frames at 400x225: shared, read-only."""
+    from imkd_deploy.data.synth import SynthConfig, write_drive
+
+    root = tmp_path_factory.mktemp("drive") / "nus"
+    write_drive(root, SynthConfig(version="v1.0-mini", num_scenes=3, samples_per_scene=5, image_width=400,
+                                  image_height=225, seed=0))
+    return root
+
+
+@pytest.fixture(scope="session")
+def random_student_checkpoint(tmp_path_factory):
+    """An untrained tiny student saved as `imkd train` would (BatchNorm stats randomised, so
+    outputs are far from the init biases and every backend has real numbers to agree on)."""
+    import torch
+
+    from imkd_deploy.config import RunConfig
+    from imkd_deploy.distill.checkpoint import save_checkpoint
+    from imkd_deploy.model.build import build_student
+
+    torch.manual_seed(0)
+    run = RunConfig()
+    model = build_student(run.model, run.distill)
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    path = tmp_path_factory.mktemp("ckpt") / "student.safetensors"
+    return save_checkpoint(path, role="student", step=0, run_config=run, model=model)

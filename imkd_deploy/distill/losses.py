@@ -24,20 +24,17 @@ EPS = 1e-6
 
 # --------------------------------------------------------------------------- detection
 def gaussian_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
-    """CenterNet focal loss on (B, K, ny, nx) heatmap logits against a Gaussian target.
+    """CenterNet focal loss on heatmap logits against a Gaussian target; / number of centres.
 
-    Normalised per class (by that class's number of centres in the batch), then averaged
-    over classes: CenterPoint's per-task normalisation taken to one class a task. With one
-    global count, cars and pedestrians (~70% of nuScenes boxes) set the scale and the rare
-    vehicle classes, which weigh as much in mAP, barely train in a short run."""
+    One global count over all classes. Normalising per class (CenterPoint's per-task
+    normalisation, one class a task) was tried on the synthetic drive: rare-class AP rose
+    a little, car/pedestrian/cone AP fell more (teacher, 300 steps: NDS 0.29 vs 0.34)."""
     logits = logits.float()
     pred = torch.sigmoid(logits)
     pos = target.eq(1.0).float()
     pos_loss = F.logsigmoid(logits) * (1 - pred).pow(alpha) * pos
     neg_loss = F.logsigmoid(-logits) * pred.pow(alpha) * (1 - target).pow(beta) * (1 - pos)
-    dims = (0, 2, 3)
-    per_class = (pos_loss.sum(dims) + neg_loss.sum(dims)) / pos.sum(dims).clamp_min(1.0)
-    return -per_class.mean()
+    return -(pos_loss.sum() + neg_loss.sum()) / pos.sum().clamp_min(1.0)
 
 
 def gather_regression(out: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
