@@ -123,11 +123,13 @@ def append_log(result: BenchResult, log: Path) -> None:
 
 
 def check_gate(result: BenchResult, baselines_path: Path) -> dict:
-    """Compare measured ratios with ``baselines.json``'s latency gates.
+    """Compare ratios measured in THIS run with ``baselines.json``'s latency gates.
 
-    A gate is {"name", "backend", "stage", "ratio" (baseline), "margin"}: it fails when the
-    measured ratio exceeds baseline * (1 + margin). Gates whose backend was not run are skipped.
-    ``stage`` may also be "runtime_overhead" (the share of frame time outside the network).
+    A gate is {"name", "backend", "stage", "reference", "ratio", "margin"}: the measured
+    p50(backend, stage) / p50(reference, stage) fails when above ratio * (1 + margin).
+    ``stage`` "runtime_overhead" gates the share of frame time spent outside the network
+    (preprocess + decode) instead. Gates naming a backend that was not run are SKIPPED.
+    Absolute times are never compared: machines differ, ratios from one run do not.
     """
     try:
         data = json.loads(Path(baselines_path).read_text())
@@ -135,11 +137,13 @@ def check_gate(result: BenchResult, baselines_path: Path) -> dict:
         raise UserError(f"cannot read gate baselines {baselines_path}: {exc}") from None
     rows = []
     for gate in data.get("latency_gates", []):
-        label, stage = gate["backend"], gate["stage"]
+        label, stage, ref = gate["backend"], gate["stage"], gate.get("reference", result.reference)
         if stage == "runtime_overhead":
             measured = result.shares.get(label, {}).get("runtime_overhead")
+        elif label in result.latency and ref in result.latency:
+            measured = result.latency[label][stage]["p50"] / max(result.latency[ref][stage]["p50"], 1e-9)
         else:
-            measured = result.ratios.get(label, {}).get(stage)
+            measured = None
         if measured is None:
             rows.append({**gate, "measured": None, "status": "SKIPPED"})
             continue

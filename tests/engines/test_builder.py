@@ -91,12 +91,12 @@ def test_dry_run_reports_coverage_and_plugins(small_onnx, tmp_path):
     assert rep.op_counts["Conv"] == 4 and rep.op_counts["Sigmoid"] == 1
     rep = dry_run(_plugin_model(tmp_path / "p.onnx"))
     assert rep.plugin_nodes == [("widget0", "imkd::Widget", False)]
-    assert rep.parse_ok is False and any("--ops onnx" in e for e in rep.parse_errors)
+    assert rep.parse_ok is False and any("--ops tensorrt" in e for e in rep.parse_errors)
     assert "needs plugin: widget0 (imkd::Widget) creator MISSING" in rep.summary()
 
 
 def test_rtx_refuses_plugin_nodes_instead_of_aborting(tmp_path):
     """TensorRT-RTX 1.7 std::terminate()s in its ONNX parser after creating a Python plugin."""
-    with pytest.raises(UserError, match=r"imkd::Widget.*cannot build plugin layers.*--ops onnx"):
+    with pytest.raises(UserError, match=r"imkd::Widget.*cannot build plugin layers.*--ops tensorrt"):
         build_engine(_plugin_model(tmp_path / "p.onnx"), tmp_path / "p.engine")
     assert not (tmp_path / "p.engine").exists()

@@ -73,34 +73,36 @@ def test_resume_gives_an_identical_file(small_drive, random_student_checkpoint, 
     # torch is bit-deterministic run to run; ONNX Runtime's ScatterND(add) (--ops onnx) sums in
     # thread order, so two uninterrupted ORT runs can already differ in the last bit
     model = random_student_checkpoint
-    full = infer_drive(model, small_drive, VERSION, tmp_path / "full.json", progress=False)
+    full = infer_drive(model, small_drive, VERSION, tmp_path / "full.json", split="mini_val", progress=False)
     calls = {"n": 0}
     original = Pipeline.__call__
 
-    def crash_after_four(self, frame):
+    def crash_after_two(self, frame):
         calls["n"] += 1
-        if calls["n"] > 4:
+        if calls["n"] > 2:
             raise KeyboardInterrupt
         return original(self, frame)
 
-    monkeypatch.setattr(Pipeline, "__call__", crash_after_four)
+    monkeypatch.setattr(Pipeline, "__call__", crash_after_two)
     out = tmp_path / "resumed.json"
     with pytest.raises(KeyboardInterrupt):
-        infer_drive(model, small_drive, VERSION, out, progress=False)
+        infer_drive(model, small_drive, VERSION, out, split="mini_val", progress=False)
     assert not out.exists()                                         # nothing half-written
     journal = out.with_name(out.name + ".journal.jsonl")
-    assert len(journal.read_text().splitlines()) == 4
+    assert len(journal.read_text().splitlines()) == 2
     monkeypatch.setattr(Pipeline, "__call__", original)
-    resumed = infer_drive(model, small_drive, VERSION, out, resume=True, progress=False)
-    assert resumed.resumed == 4 and resumed.processed == full.frames - 4
+    resumed = infer_drive(model, small_drive, VERSION, out, split="mini_val", resume=True, progress=False)
+    assert resumed.resumed == 2 and resumed.processed == full.frames - 2
     assert out.read_bytes() == full.out.read_bytes()
     assert not journal.exists()
 
 
 def test_shards_merge_into_the_single_run(small_drive, random_student_checkpoint, tmp_path):
     model = random_student_checkpoint     # bit-deterministic (see the resume test)
-    single = json.loads(infer_drive(model, small_drive, VERSION, tmp_path / "all.json", progress=False).out.read_text())
-    parts = [infer_drive(model, small_drive, VERSION, tmp_path / "r.json", shard=(i, 2), progress=False).out
+    single = json.loads(infer_drive(model, small_drive, VERSION, tmp_path / "all.json", split="mini_train",
+                                    progress=False).out.read_text())
+    parts = [infer_drive(model, small_drive, VERSION, tmp_path / "r.json", split="mini_train", shard=(i, 2),
+                         progress=False).out
              for i in range(2)]
     assert [p.name for p in parts] == ["r.part-0-of-2.json", "r.part-1-of-2.json"]
     sizes = [len(json.loads(p.read_text())["results"]) for p in parts]
