@@ -99,7 +99,7 @@ def train_and_score(variant: Variant, run: RunConfig, drive: Path, runs: Path, f
     done = out / "ablation_metrics.json"
     if done.is_file():
         record = json.loads(done.read_text())
-        if record.get("run") == run.to_dict():
+        if record.get("run") == json.loads(json.dumps(run.to_dict())):   # JSON turns tuples into lists
             print(f"[{variant.name}] reusing {done}", flush=True)
             return record
     t0 = time.perf_counter()

