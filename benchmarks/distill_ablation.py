@@ -4,13 +4,17 @@ each distillation level switched on or off, scored with the nuScenes metrics on 
     python benchmarks/distill_ablation.py --out benchmarks/results [--dataroot D]
         [--scenes 10 --samples 40] [--teacher-steps 400 --student-steps 400] [--seed 0]
         [--variants none,radar,fused,all,all-nofusion] [--workdir /tmp/imkd_ablation]
+        [--w-radar 0.5 --w-fused 0.5] [--name distill_ablation_w05]
 
 Without ``--dataroot`` the drive is written by our own writer (``imkd data synth``, seed 0)
 into ``WORKDIR/drive``; its v1.0-mini scene names put 8 scenes in mini_train and 2 in
 mini_val. Every student variant uses the same seed, steps, batch and teacher, so the only
-difference between rows is the distillation setting. Runs are kept under ``WORKDIR/runs``
+difference between rows is the distillation setting. ``--w-radar``/``--w-fused`` set the
+level-1/level-2 loss weights (DistillConfig.w_radar/w_fused) of every student that uses that
+level; a student without the level keeps the config default, so its run (e.g. ``none``) is the
+same as in a round at other weights and can be reused. Runs are kept under ``WORKDIR/runs``
 and a finished run is not retrained (its metrics are re-read), so an interrupted ablation
-continues where it stopped. Results: ``OUT/distill_ablation.json`` and ``.md`` (written
+continues where it stopped. Results: ``OUT/NAME.json`` and ``.md`` (written
 atomically); the table is also printed.
 
 Run it with OMP_NUM_THREADS=1 on a shared machine: torch's default thread count makes a
@@ -80,11 +84,18 @@ def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int
     return drive
 
 
-def run_config(variant: Variant, steps: int, batch: int, seed: int, lr: float | None) -> RunConfig:
+def run_config(variant: Variant, steps: int, batch: int, seed: int, lr: float | None,
+               weights: dict[str, float] | None = None) -> RunConfig:
+    """``weights`` maps "radar"/"fused" to that level's loss weight; a weight whose level the
+    variant does not train is left at the default so the run config (and its reuse key) stays
+    the same across rounds that only change weights."""
     run = RunConfig(model=tiny())
     train = run.train.replace(max_steps=steps, batch_size=batch, seed=seed, ckpt_every=steps,
                               **({"lr": lr} if lr is not None else {}))
     distill = run.distill.replace(levels=variant.levels, intensity_fusion=variant.intensity_fusion)
+    if variant.role == "student":
+        overrides = {f"w_{level}": w for level, w in (weights or {}).items() if distill.enabled(level)}
+        distill = distill.replace(**overrides)
     return run.replace(train=train.to_dict(), distill=distill.to_dict())
 
 
@@ -112,6 +123,7 @@ def train_and_score(variant: Variant, run: RunConfig, drive: Path, runs: Path, f
     record = {
         "variant": variant.name, "role": variant.role, "levels": variant.levels,
         "intensity_fusion": variant.intensity_fusion, "note": variant.note,
+        "weights": used_weights(variant, run),
         "nds": metrics["nd_score"], "map": metrics["mean_ap"],
         "tp_errors": metrics["tp_errors"], "class_ap": metrics["mean_dist_aps"],
         "train_seconds": round(train_s, 1), "steps": run.train.max_steps,
@@ -123,6 +135,25 @@ def train_and_score(variant: Variant, run: RunConfig, drive: Path, runs: Path, f
     return record
 
 
+def used_weights(variant: Variant, run: RunConfig) -> dict[str, float]:
+    """The distillation loss weights the student actually trains with (empty for teacher/none)."""
+    if variant.role == "teacher":
+        return {}
+    d = run.distill
+    return {f"w_{level}": getattr(d, f"w_{level}") for level in ("radar", "fused") if d.enabled(level)}
+
+
+def _weights_cell(r: dict) -> str:
+    # Records from before the weight options have no "weights" key; recompute from their run.
+    w = r.get("weights")
+    if w is None:
+        d = r["run"]["distill"]
+        w = {} if r["role"] == "teacher" else {
+            f"w_{lv}": d[f"w_{lv}"] for lv in ("radar", "fused")
+            if "none" not in d["levels"].split("+") and ({"all", lv} & set(d["levels"].split("+")))}
+    return ", ".join(f"{k[2:]} {v:g}" for k, v in w.items()) or "—"
+
+
 def markdown_table(records: list[dict], meta: dict) -> str:
     base = next((r for r in records if r["variant"] == "none"), None)
     lines = [
@@ -132,17 +163,21 @@ def markdown_table(records: list[dict], meta: dict) -> str:
         f"teacher {meta['teacher_steps']} steps, every student {meta['student_steps']} steps, batch "
         f"{meta['batch_size']}, seed {meta['seed']}, `tiny` preset, CPU ({meta['threads']} thread).",
         "",
-        "| Model | Distillation | NDS | mAP | ΔNDS vs plain student | mATE | mASE | mAOE | mAVE | mAAE |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Model | Distillation | KD weights | NDS | mAP | ΔNDS vs plain student | mATE | mASE | mAOE | mAVE | mAAE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         delta = "" if base is None or r["role"] == "teacher" else f"{100 * (r['nds'] - base['nds']):+.1f}"
         tp = r["tp_errors"]
-        lines.append(f"| {r['variant']} | {r['note']} | {r['nds']:.4f} | {r['map']:.4f} | {delta} | "
+        lines.append(f"| {r['variant']} | {r['note']} | {_weights_cell(r)} | {r['nds']:.4f} | {r['map']:.4f} | {delta} | "
                      + " | ".join(f"{tp[k]:.3f}" for k in ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err"))
                      + " |")
-    lines += ["", "ΔNDS in NDS points (x100). Reproduce: `python benchmarks/distill_ablation.py --out benchmarks/results "
-              f"--teacher-steps {meta['teacher_steps']} --student-steps {meta['student_steps']} --seed {meta['seed']}`.", ""]
+    weight_args = "".join(f" --w-{lv} {meta[f'w_{lv}']:g}" for lv in ("radar", "fused") if meta.get(f"w_{lv}") is not None)
+    name_arg = "" if meta.get("name", "distill_ablation") == "distill_ablation" else f" --name {meta['name']}"
+    lines += ["", "KD weights: the level-1 (radar) / level-2 (fused) distillation loss weights the student trained "
+              "with. ΔNDS in NDS points (x100). Reproduce: `python benchmarks/distill_ablation.py --out benchmarks/results "
+              f"--teacher-steps {meta['teacher_steps']} --student-steps {meta['student_steps']} --seed {meta['seed']}"
+              f"{weight_args}{name_arg}`.", ""]
     return "\n".join(lines)
 
 
@@ -162,12 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="none,radar,fused,all,all-nofusion",
                    help=f"student rows, comma-separated, from {','.join(v for v in VARIANTS if v != 'teacher')}")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--w-radar", type=float, default=None,
+                   help="level-1 distillation weight for students that use it (default: DistillConfig.w_radar)")
+    p.add_argument("--w-fused", type=float, default=None,
+                   help="level-2 distillation weight for students that use it (default: DistillConfig.w_fused)")
+    p.add_argument("--name", default="distill_ablation", help="results file stem: OUT/NAME.json and OUT/NAME.md")
     args = p.parse_args(argv)
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS or n == "teacher"]
     if unknown:
         p.error(f"unknown variant(s) {unknown}")
+    for flag, w in (("--w-radar", args.w_radar), ("--w-fused", args.w_fused)):
+        if w is not None and not w >= 0:
+            p.error(f"{flag} must be >= 0, got {w}")
     if args.scenes < 10:
         p.error("--scenes must be >= 10 (8 train + 2 val scenes with the mini split names)")
     torch.set_num_threads(args.threads)
@@ -188,17 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     teacher_run = run_config(VARIANTS["teacher"], args.teacher_steps, args.batch_size, args.seed, args.lr)
     records = [train_and_score(VARIANTS["teacher"], teacher_run, drive, runs, frames, val_frames, None)]
     teacher_ckpt = Path(records[0]["checkpoint"])
+    weights = {lv: w for lv, w in (("radar", args.w_radar), ("fused", args.w_fused)) if w is not None}
     for name in names:
-        run = run_config(VARIANTS[name], args.student_steps, args.batch_size, args.seed, args.lr)
+        run = run_config(VARIANTS[name], args.student_steps, args.batch_size, args.seed, args.lr, weights)
         records.append(train_and_score(VARIANTS[name], run, drive, runs, frames, val_frames, teacher_ckpt))
 
     meta = {"drive": str(drive), "train_samples": len(frames), "val_samples": len(val_frames),
             "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "batch_size": args.batch_size,
             "seed": args.seed, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine()}
+            "machine": platform.machine(), "name": args.name, "w_radar": args.w_radar, "w_fused": args.w_fused}
     table = markdown_table(records, meta)
-    _write_atomic(args.out / "distill_ablation.json", json.dumps({"meta": meta, "rows": records}, indent=2))
-    _write_atomic(args.out / "distill_ablation.md", table)
+    _write_atomic(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": records}, indent=2))
+    _write_atomic(args.out / f"{args.name}.md", table)
     print(table)
     return 0
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from imkd_deploy.errors import UserError
-from imkd_deploy.export.metadata import atomic_write_text, file_sha256
+from imkd_deploy.atomic import atomic_write_text
+from imkd_deploy.export.metadata import file_sha256
 
 VERSION = "v1.0-mini"
 
@@ -30,8 +31,8 @@ class QuickstartSettings:
     samples: int = 12                # key frames per scene
     image_size: str = "800x450"
     seed: int = 0
-    teacher_steps: int = 150
-    student_steps: int = 150
+    teacher_steps: int = 200
+    student_steps: int = 200
     batch_size: int = 2
     distill: str = "all"
     calib_frames: int = 32

@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from imkd_deploy.atomic import atomic_write_json
 
 log = logging.getLogger("imkd.calibration")
 
@@ -109,15 +109,7 @@ class CalibrationCache:
         from onnxruntime.quantization.calibrate import CalibrationCacheEncoder
 
         path = self.path_for(label, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"key": key.to_dict(), "ranges": ranges.to_dict()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(payload, f, cls=CalibrationCacheEncoder)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_json(path, payload, cls=CalibrationCacheEncoder)
         log.info("calibration cache saved: %s", path)
         return path

@@ -17,14 +17,13 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from imkd_deploy.atomic import atomic_write_text
 from imkd_deploy.errors import UserError
 
 log = logging.getLogger("imkd.calibration")
@@ -67,17 +66,7 @@ class CalibrationSet:
         return "\n".join(header + [f"{e.scene_name} {e.sample_token}" for e in self.entries]) + "\n"
 
     def write(self, path: Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_text())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, self.to_text())
 
 
 def read_manifest(path: Path) -> CalibrationSet:

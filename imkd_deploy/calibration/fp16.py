@@ -87,7 +87,6 @@ def convert_fp16(model_path: Path, out_path: Path, keep_fp32_op_types: frozenset
         t = types.get(name)
         return t == F32 or (t is None and producer_custom)
 
-    producers = {o: n for n in g.node for o in n.output}
     fp32_nodes, half = [], {}
     for node in g.node:
         custom = node.domain not in ("", "ai.onnx")

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import onnx
 
+from imkd_deploy.atomic import atomic_path
 from imkd_deploy.errors import UserError
 
 log = logging.getLogger("imkd.calibration")
@@ -322,12 +323,5 @@ def stamp_metadata(src: Path, out_path: Path, *, precision: str, source_sha: str
     del model.metadata_props[:]
     for k, v in props.items():
         model.metadata_props.add(key=k, value=v)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out_path) as tmp:
+        onnx.save(model, str(tmp))

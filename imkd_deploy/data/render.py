@@ -7,12 +7,11 @@ not a plotting one: the picture doubles as a visual check of the geometry.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from imkd_deploy.atomic import atomic_path
 from imkd_deploy.config import CLASS_NAMES, ModelConfig
 from imkd_deploy.data.frame import Frame
 from imkd_deploy.data.loader import NuScenesDrive, box_corners, invert_rigid, open_nuscenes
@@ -100,7 +99,6 @@ def _draw_bev_boxes(ax, boxes: np.ndarray, labels: np.ndarray, colors: np.ndarra
 
 
 def _draw_bev(ax, frame: Frame, colors: np.ndarray, pred=None) -> None:
-    from matplotlib.collections import LineCollection
 
     if frame.lidar_points is not None and len(frame.lidar_points):
         lp = frame.lidar_points
@@ -156,15 +154,9 @@ def render_frame(frame: Frame, out_png: Path, title: str = "", pred=None) -> Pat
     fig.suptitle(text, fontsize=10, color="darkred" if frame.degraded else "black")
 
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.name}.", suffix=".png", dir=out_png.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(out_png, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
     return out_png

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from imkd_deploy.atomic import atomic_write_json
 from imkd_deploy.config import ModelConfig, RunConfig
 from imkd_deploy.distill.checkpoint import load_checkpoint, load_model, load_train_state, save_checkpoint
 from imkd_deploy.distill.dataset import FrameDataset, collate, move_targets, student_args, teacher_args
@@ -139,12 +140,6 @@ def _progress(enabled: bool):
                     TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), transient=False)
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- the run
 @dataclass
 class TrainResult:
@@ -214,9 +209,10 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
                 log.info("resuming %s from step %d", last, start)
         elif rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(out_dir / "config.json", {"role": role, "run": run_cfg.to_dict(), "dataroot": str(dataroot),
+            atomic_write_json(out_dir / "config.json", {"role": role, "run": run_cfg.to_dict(), "dataroot": str(dataroot),
                                                          "version": version, "split": split,
-                                                         "teacher": str(teacher_ckpt) if teacher_ckpt else None})
+                                                         "teacher": str(teacher_ckpt) if teacher_ckpt else None},
+                              indent=2, sort_keys=True)
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
 
         model = step_module

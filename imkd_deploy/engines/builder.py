@@ -10,8 +10,6 @@ ONNX (Q/DQ for INT8, fp16 tensors for FP16), so networks are built strongly type
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from pathlib import Path
 
 import onnx
 
+from imkd_deploy.atomic import atomic_write_bytes
 from imkd_deploy.engines.flavour import (
     RTX_DEFAULT_TARGETS,
     TensorRT,
@@ -306,7 +305,7 @@ def build_engine(onnx_path: Path, out_path: Path, settings: BuildSettings | None
     if serialized is None:
         raise UserError(f"{trt.backend} {trt.version} failed to build {onnx_path}; rerun with verbose=True for the builder log")
 
-    _write_atomic(out_path, memoryview(serialized))
+    atomic_write_bytes(out_path, memoryview(serialized))
     seconds = time.perf_counter() - t0
     sidecar = make_sidecar(onnx_path, out_path, trt, settings, profiles, targets, parsed.plugins)
     sidecar_path = write_sidecar(sidecar, out_path)
@@ -383,18 +382,8 @@ class _timing_cache:
             if exc_type is None:
                 cache = self.config.get_timing_cache()
                 if cache is not None:
-                    _write_atomic(self.path, memoryview(cache.serialize()))
+                    atomic_write_bytes(self.path, memoryview(cache.serialize()))
         finally:
             self.lock.release()
 
 
-def _write_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

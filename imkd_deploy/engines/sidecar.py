@@ -11,13 +11,12 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import shlex
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from imkd_deploy.atomic import atomic_write_text
 from imkd_deploy.errors import CompatibilityError, UserError
 
 SIDECAR_SCHEMA = 1
@@ -169,16 +168,7 @@ def make_sidecar(onnx_path, engine_path, trt, settings, profiles, targets, plugi
 
 
 def write_sidecar(sidecar: EngineSidecar, engine_path: Path) -> Path:
-    path = sidecar_path_for(engine_path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(sidecar.to_json() + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(sidecar_path_for(engine_path), sidecar.to_json() + "\n")
 
 
 def read_sidecar(engine_path: Path) -> EngineSidecar:

@@ -19,12 +19,12 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from imkd_deploy.atomic import atomic_write_json
 from imkd_deploy.data.loader import open_nuscenes, split_sample_tokens
 from imkd_deploy.errors import UserError
 
@@ -32,18 +32,6 @@ log = logging.getLogger(__name__)
 
 MAX_BOXES_PER_SAMPLE = 500
 TP_NAMES = {"trans_err": "mATE", "scale_err": "mASE", "orient_err": "mAOE", "vel_err": "mAVE", "attr_err": "mAAE"}
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_submission(results_json: Path) -> dict:
@@ -144,8 +132,8 @@ def evaluate_submission(results_json: Path, dataroot, version, split, out_dir=No
     summary["split"], summary["version"] = split, version
     summary["num_samples"], summary["num_pred_boxes"], summary["num_gt_boxes"] = (
         len(tokens), num_pred, len(ev.gt_boxes.all))
-    write_json_atomic(out_dir / "metrics_summary.json", summary)
-    write_json_atomic(out_dir / "metrics_details.json", metric_data.serialize())
+    atomic_write_json(out_dir / "metrics_summary.json", summary, indent=2)
+    atomic_write_json(out_dir / "metrics_details.json", metric_data.serialize(), indent=2)
     if plots:
         os.makedirs(ev.plot_dir, exist_ok=True)
         ev.render(metrics, metric_data)

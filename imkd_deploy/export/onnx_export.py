@@ -27,7 +27,8 @@ import imkd_deploy
 from imkd_deploy.config import CLASS_NAMES, ModelConfig
 from imkd_deploy.errors import UserError
 from imkd_deploy.evaluation.parity import OutputComparison, all_passed, compare_outputs
-from imkd_deploy.export.metadata import atomic_write_text, embed, file_sha256, sidecar_path
+from imkd_deploy.atomic import atomic_write_text
+from imkd_deploy.export.metadata import embed, file_sha256, sidecar_path
 from imkd_deploy.runtime.backends import INPUT_NAMES, OUTPUT_NAMES, OnnxRuntimeBackend, TorchBackend
 
 OPSET = 18

@@ -35,7 +35,7 @@ class StudentNet(nn.Module):
 
     def forward_train(self, images, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths,
                       radar_pillars, radar_coords) -> dict[str, torch.Tensor]:
-        b, n = images.shape[0], images.shape[1]
+        b = images.shape[0]
         feats = self.image_encoder(images.flatten(0, 1))
         cam_bev, depth_logits = self.lift(feats, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths)
         radar_bev = self.radar_encoder(radar_pillars, radar_coords, b)

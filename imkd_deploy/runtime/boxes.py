@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from imkd_deploy.atomic import atomic_write_json
 from imkd_deploy.config import CLASS_NAMES
 from imkd_deploy.runtime.decode import Detections
 
@@ -72,14 +70,4 @@ def submission_entries(sample_token: str, det: Detections, ego2global: np.ndarra
 
 def write_submission(path: Path, results: dict[str, list[dict]], meta: dict | None = None) -> Path:
     """Atomically write ``{"meta": ..., "results": ...}`` to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"meta": meta or DEFAULT_META, "results": results}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, {"meta": meta or DEFAULT_META, "results": results})
