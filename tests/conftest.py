@@ -56,3 +56,7 @@ def random_student_checkpoint(tmp_path_factory):
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     path = tmp_path_factory.mktemp("ckpt") / "student.safetensors"
     return save_checkpoint(path, role="student", step=0, run_config=run, model=model)
+
+
+# the toy conv net (and its INT8 copy) shared by tests/calibration and tests/engines
+from small_net import calib_feeds, int8_onnx, small_onnx  # noqa: E402,F401

@@ -51,7 +51,7 @@ def test_hit_then_misses_with_reasons(small_onnx, tmp_path, setup, caplog):
 
 
 def test_model_change_misses(tmp_path, setup, calib_feeds):
-    from conftest import export_small_net
+    from small_net import export_small_net
 
     manifest, feeds, calls, cache_dir = setup
     model = export_small_net(tmp_path / "m.onnx", seed=0)

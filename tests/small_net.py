@@ -1,4 +1,5 @@
-"""A small conv net exported once per session (dynamo exporter, dynamic batch), and its INT8 Q/DQ copy."""
+"""A small conv net exported once per session (dynamo exporter, dynamic batch), and its INT8
+Q/DQ copy: the toy models the calibration and engine tests share."""
 
 from __future__ import annotations
 
