@@ -20,7 +20,8 @@ from rich.console import Console
 from imkd_deploy.errors import UserError
 
 console = Console(stderr=True)
-out = Console(soft_wrap=True)
+# piped output (logs, CI) gets room for the tables instead of rich's 80-column default
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 app = typer.Typer(
     name="imkd",
@@ -302,6 +303,7 @@ def bench_cmd(
     warmup: int = typer.Option(2, min=0, help="Warm-up calls per backend before timing."),
     log_path: Path = typer.Option(Path("benchmarks/bench_log.jsonl"), "--log", help="JSON lines log the result is appended to."),
     gate: Optional[Path] = typer.Option(None, help="benchmarks/baselines.json: fail (exit 1) when a latency ratio regresses beyond its margin."),
+    threads: int = typer.Option(0, help="CPU threads for torch and ONNX Runtime alike (0: each library's default). Use 1 on a shared machine: torch's spinning thread pool collapses when a core is taken."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Latency of every backend on the same frames, side by side, with ratios against torch FP32."""
@@ -331,7 +333,7 @@ def bench_cmd(
         drive = NuScenesDrive(dataroot, version, cfg, split=split)
         picks = sorted({int(i) for i in np.linspace(0, len(drive) - 1, min(frames, len(drive)))})
         frame_list = [drive[i] for i in picks]
-        result = run_bench(models, frame_list, warmup=warmup, rounds=rounds, console=out)
+        result = run_bench(models, frame_list, warmup=warmup, rounds=rounds, console=out, threads=threads)
         if gate is not None:
             result.gate = check_gate(result, gate)
         append_log(result, log_path)

@@ -69,8 +69,21 @@ def bevpool_share(pipeline: Pipeline, inputs: dict[str, np.ndarray], repeats: in
 
 
 def run_bench(models: dict[str, Path], frames: list, *, warmup: int = 2, rounds: int = 3,
-              reference: str = "torch", progress: bool = True, console=None) -> BenchResult:
-    """``models`` maps a backend label (torch, onnxruntime, onnxruntime-int8, tensorrt...) to its artifact."""
+              reference: str = "torch", progress: bool = True, console=None, threads: int = 0) -> BenchResult:
+    """``models`` maps a backend label (torch, onnxruntime, onnxruntime-int8, tensorrt...) to its artifact.
+    ``threads`` > 0 gives torch and ONNX Runtime the same CPU thread count (a fair comparison)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_bench(models, frames, warmup, rounds, reference, progress, console, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_bench(models, frames, warmup, rounds, reference, progress, console, threads) -> BenchResult:
     if not models:
         raise UserError("nothing to benchmark: give at least one model")
     if not frames:
@@ -78,7 +91,7 @@ def run_bench(models: dict[str, Path], frames: list, *, warmup: int = 2, rounds:
     pipelines = {}
     for label, path in models.items():
         backend = "torch" if label == "torch" else "tensorrt" if label.startswith("tensorrt") else "onnxruntime"
-        pipelines[label] = Pipeline.from_model(path, backend=backend)
+        pipelines[label] = Pipeline.from_model(path, backend=backend, threads=threads or None)
     timings: dict[str, list[dict]] = {label: [] for label in pipelines}
     for _ in range(warmup):
         for pipe in pipelines.values():

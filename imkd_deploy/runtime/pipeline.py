@@ -44,7 +44,7 @@ class Pipeline:
         self.max_boxes = max_boxes
 
     @classmethod
-    def from_model(cls, model: Path, *, backend: str | None = None, **kwargs) -> "Pipeline":
+    def from_model(cls, model: Path, *, backend: str | None = None, threads: int | None = None, **kwargs) -> "Pipeline":
         model = Path(model)
         if not model.exists():
             raise UserError(f"model {model} does not exist")
@@ -56,7 +56,7 @@ class Pipeline:
             from imkd_deploy.export.metadata import read_metadata
 
             meta = read_metadata(model)
-            return cls(OnnxRuntimeBackend(model), ModelConfig.from_dict(meta["config"]),
+            return cls(OnnxRuntimeBackend(model, threads=threads), ModelConfig.from_dict(meta["config"]),
                        max_interval=meta.get("bevpool_max_interval"), **kwargs)
         if kind == "tensorrt":
             from imkd_deploy.runtime.trt_backend import TensorRTBackend

@@ -23,6 +23,6 @@ def test_cpu_ratio_gates_pass(quickstart_run):
               "onnxruntime-int8": w / "export" / "student_onnx.int8.onnx"}
     cfg = Pipeline.from_model(models["onnxruntime"]).cfg
     drive = NuScenesDrive(w / "drive", "v1.0-mini", cfg, split="mini_val")
-    res = run_bench(models, [drive[i] for i in range(0, len(drive), 3)], warmup=1, rounds=2, progress=False)
+    res = run_bench(models, [drive[i] for i in range(0, len(drive), 3)], warmup=1, rounds=2, progress=False, threads=1)
     gate = check_gate(res, baselines)
     assert [r["status"] for r in gate["rows"]] == ["PASSED"] * len(gate["rows"]), gate["rows"]
