@@ -463,7 +463,10 @@ def build_engine_cmd(
         settings = BuildSettings(backend=backend, workspace_mb=workspace_mb, profiles=profiles,
                                  compute_capabilities=tuple(compute_capability or ()), calibration_set=set_path)
         if dry_run:
-            out.print(dry_run_fn(source, settings).summary())
+            report = dry_run_fn(source, settings)
+            out.print(report.summary())
+            if report.parse_ok is False:
+                raise typer.Exit(1)
             return
         engine_path = out_path or Path("engines") / f"{Path(source).stem.replace('.', '_')}.engine"
         result = build_engine(source, engine_path, settings)

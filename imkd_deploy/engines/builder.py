@@ -231,6 +231,7 @@ def dry_run(onnx_path: Path, settings: BuildSettings | None = None) -> DryRunRep
     plugin_nodes = [(name, op, find_creator(trt, op.split("::")[1]) is not None) for name, op in custom]
     try:
         _refuse_plugin_nodes_on_rtx(trt, onnx_path)
+        _refuse_scatter_reductions(trt, onnx_path)
     except UserError as exc:
         return DryRunReport(onnx_path, trt.backend, trt.version, dict(ops), unsupported, plugin_nodes, False, [str(exc)])
     ok = bool(parser.parse_from_file(str(onnx_path)))

@@ -16,7 +16,8 @@ from imkd_deploy.engines.builder import BuildSettings, build_engine
 from imkd_deploy.engines.profiles import profiles_from_feeds
 from imkd_deploy.engines.sidecar import read_sidecar, sidecar_path_for
 from imkd_deploy.errors import CompatibilityError, UserError
-from imkd_deploy.export.metadata import atomic_write_text, embed, sidecar_path
+from imkd_deploy.atomic import atomic_write_text
+from imkd_deploy.export.metadata import embed, sidecar_path
 from imkd_deploy.export.onnx_export import build_metadata, example_inputs, export_model
 from imkd_deploy.ops.bev_pool import bev_pool_into, bev_pool_output_shape, bev_pool_reference
 from imkd_deploy.ops.intensity_fusion import (
