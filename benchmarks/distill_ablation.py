@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from imkd_deploy.atomic import atomic_write_text
 from imkd_deploy.config import RunConfig, TrainConfig, tiny
 
 SPLIT_TRAIN, SPLIT_VAL, VERSION = "mini_train", "mini_val", "v1.0-mini"
@@ -58,18 +58,6 @@ VARIANTS = {
     "all-nofusion": Variant("all-nofusion", "student", "all", intensity_fusion=False,
                             note="levels 1+2, fusion gate without the radar intensity prior"),
 }
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int, seed: int) -> Path:
@@ -130,7 +118,7 @@ def train_and_score(variant: Variant, run: RunConfig, drive: Path, runs: Path, f
         "final_losses": {k: v for k, v in last.items() if k not in ("step", "lr", "elapsed_s", "grad_norm")},
         "checkpoint": str(result.checkpoint), "run": run.to_dict(),
     }
-    _write_atomic(done, json.dumps(record, indent=2))
+    atomic_write_text(done, json.dumps(record, indent=2))
     print(f"[{variant.name}] NDS {record['nds']:.4f} mAP {record['map']:.4f} ({train_s:.0f} s training)", flush=True)
     return record
 
@@ -241,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "name": args.name, "w_radar": args.w_radar, "w_fused": args.w_fused}
     table = markdown_table(records, meta)
-    _write_atomic(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": records}, indent=2))
-    _write_atomic(args.out / f"{args.name}.md", table)
+    atomic_write_text(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": records}, indent=2))
+    atomic_write_text(args.out / f"{args.name}.md", table)
     print(table)
     return 0
 
