@@ -140,6 +140,28 @@ def _progress(enabled: bool):
                     TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), transient=False)
 
 
+# Fields a resumed run may change: how long it runs and how often it logs/checkpoints.
+_RESUMABLE_CHANGES = {"train.max_steps", "train.log_every", "train.ckpt_every", "train.num_workers"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _config_changes(old: RunConfig, new: RunConfig) -> list[str]:
+    """'field old -> new' for every field that differs and that a resume must not change."""
+    a = _flatten(json.loads(old.to_json()))
+    b = _flatten(json.loads(new.to_json()))
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES]
+
+
 # --------------------------------------------------------------------------- the run
 @dataclass
 class TrainResult:
@@ -197,6 +219,10 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
             ckpt = load_checkpoint(last)
             if ckpt.role != role:
                 raise UserError(f"{last} holds a {ckpt.role} run; cannot resume it as {role} (use another --out)")
+            changed = _config_changes(ckpt.run_config, run_cfg)
+            if changed:
+                raise UserError(f"{last} was trained with another config ({'; '.join(changed[:4])}); resuming it would "
+                                "silently mix two runs: use another --out, or delete that run to start over")
             step_module.net.load_state_dict(ckpt.model)
             step_module.criterion.load_state_dict(ckpt.extra)
             state = load_train_state(last)

@@ -96,6 +96,17 @@ def test_resume_continues_the_run(tmp_path, frames, teacher_ckpt):
         torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_resume_refuses_a_changed_config(tmp_path, frames, teacher_ckpt):
+    torch.set_num_threads(1)
+    rc = run_cfg("all")
+    fit(rc, None, tmp_path / "run", teacher_ckpt, frames=frames, progress=False, stop_after=2)
+    changed = rc.replace(distill=rc.distill.replace(w_radar=0.25))
+    with pytest.raises(UserError, match=r"distill.w_radar 1.0 -> 0.25"):
+        fit(changed, None, tmp_path / "run", teacher_ckpt, frames=frames, progress=False)
+    longer = rc.replace(train=rc.train.replace(max_steps=rc.train.max_steps + 1))
+    assert fit(longer, None, tmp_path / "run", teacher_ckpt, frames=frames, progress=False).step == rc.train.max_steps + 1
+
+
 def test_student_distillation_without_teacher_is_a_user_error(tmp_path, frames):
     with pytest.raises(UserError, match="needs a teacher"):
         fit(run_cfg("radar"), None, tmp_path, None, frames=frames, progress=False)
