@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -220,14 +219,10 @@ def run_quickstart(workdir: Path, settings: QuickstartSettings | None = None,
         cset = make_set(samples_by_scene(drive, VERSION, "mini_train"), s.calib_frames, VERSION, "mini_train")
         cset.write(calib_manifest)
         out = {"set": str(calib_manifest), "set_sha256": cset.sha256}
-        cwd = os.getcwd()
-        os.chdir(workdir)           # calibration caches live under WORKDIR/calibration/cache
-        try:
-            for ops in ("onnx", "tensorrt"):
-                res = calibrate_from_drive(Path(ex.outputs[ops]), calib_manifest, "int8", None, drive, s.calib_method, None)
-                out[f"{ops}_int8"] = str(res.out_path)
-        finally:
-            os.chdir(cwd)
+        for ops in ("onnx", "tensorrt"):
+            res = calibrate_from_drive(Path(ex.outputs[ops]), calib_manifest, "int8", None, drive, s.calib_method,
+                                       cache_dir=workdir / "calibration" / "cache")
+            out[f"{ops}_int8"] = str(res.out_path)
         return out
 
     cal = runner.run(6, total, f"calibrate INT8 ({s.calib_frames} frames, {s.calib_method})",

@@ -38,8 +38,10 @@ def model_config_of(onnx_path: Path) -> ModelConfig:
 
 
 def calibrate_from_drive(model: Path, set_path: Path | None, precision: str, out_path: Path | None,
-                         dataroot: Path | None, method: str = "entropy", sensitivity_target: float | None = None):
-    """INT8 (frames of ``dataroot`` listed in ``set_path``) or FP16 ONNX beside ``model``."""
+                         dataroot: Path | None, method: str = "entropy", sensitivity_target: float | None = None,
+                         cache_dir: Path | None = None):
+    """INT8 (frames of ``dataroot`` listed in ``set_path``) or FP16 ONNX beside ``model``;
+    calibration caches under ``cache_dir`` (default calibration/cache)."""
     from imkd_deploy.calibration.calib_set import read_manifest
     from imkd_deploy.calibration.calibrate import calibrate
     from imkd_deploy.calibration.quantize import QuantizeSettings
@@ -56,5 +58,6 @@ def calibrate_from_drive(model: Path, set_path: Path | None, precision: str, out
         if dataroot is None:
             raise UserError("--precision int8 reads the calibration frames: give --dataroot")
         feeds = frame_feeds(dataroot, read_manifest(set_path), model_config_of(model))
+    extra = {"cache_dir": Path(cache_dir)} if cache_dir is not None else {}
     return calibrate(model, set_path, precision, out_path, feeds=feeds, settings=QuantizeSettings(method=method),
-                     sensitivity_target=sensitivity_target)
+                     sensitivity_target=sensitivity_target, **extra)
