@@ -487,8 +487,11 @@ def quickstart_cmd(
     calib_frames: int = typer.Option(32, min=1, help="INT8 calibration frames (a real deployment wants >= 100)."),
     seed: int = typer.Option(0, help="Seed of the drive and of training."),
 ) -> None:
-    """Everything end to end on a synthetic drive, on a CPU: synth, train teacher, distil student, eval,
-    export, calibrate INT8, build an engine (when a TensorRT flavour is installed), infer, eval."""
+    """Every stage end to end on a synthetic drive, on a CPU, in minutes.
+
+    Synthesise a drive, train the teacher, distil the student, eval, export, calibrate INT8,
+    build an engine (when a TensorRT flavour is installed), infer, eval; a rerun reuses
+    finished steps."""
     from rich.table import Table
 
     from imkd_deploy.quickstart import QuickstartSettings, run_quickstart
