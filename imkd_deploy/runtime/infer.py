@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from imkd_deploy.errors import UserError
+from imkd_deploy.export.metadata import file_sha256
 from imkd_deploy.runtime.boxes import write_submission
 from imkd_deploy.runtime.pipeline import Pipeline, latency_table
 
@@ -83,18 +84,22 @@ def journal_path(out: Path) -> Path:
     return out.with_name(out.name + ".journal.jsonl")
 
 
-def _read_journal(path: Path) -> dict[str, dict]:
-    done: dict[str, dict] = {}
+def _read_journal(path: Path) -> tuple[dict | None, dict[str, dict]]:
+    """(header, sample_token -> record) of a journal; ({}, {}) when there is none."""
+    header, done = None, {}
     if not path.is_file():
-        return done
+        return header, done
     with open(path) as f:
         for line in f:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 break   # a line cut by the interruption: that frame is simply redone
-            done[rec["sample_token"]] = rec
-    return done
+            if "header" in rec:
+                header = rec["header"]
+            else:
+                done[rec["sample_token"]] = rec
+    return header, done
 
 
 def infer_drive(model: Path, dataroot: Path, version: str, out: Path, *, split: str | None = None,
@@ -119,9 +124,16 @@ def infer_drive(model: Path, dataroot: Path, version: str, out: Path, *, split: 
     tokens = [drive.sample_tokens[i] for i in indices]
     target = part_path(Path(out), shard)
     journal = journal_path(target)
+    # what the journal's frames were computed with: resuming under anything else would mix runs
+    header = {"model_sha256": file_sha256(Path(model)), "backend": pipeline.backend.name,
+              "score_threshold": score_threshold, "dataroot": str(Path(dataroot).resolve()), "version": version}
     if resume:
-        done = _read_journal(journal)
-        done = {t: r for t, r in done.items() if t in set(tokens)}
+        old_header, done = _read_journal(journal)
+        if done and old_header != header:
+            raise UserError(f"{journal} was written by another model or other settings; rerun without --resume "
+                            "(or with the same --model, --backend and --score-threshold)")
+        wanted = set(tokens)
+        done = {t: r for t, r in done.items() if t in wanted}
     else:
         journal.unlink(missing_ok=True)
         done = {}
@@ -135,6 +147,8 @@ def infer_drive(model: Path, dataroot: Path, version: str, out: Path, *, split: 
                TextColumn("{task.fields[fps]:.1f} frames/s"), TimeRemainingColumn()]
     journal.parent.mkdir(parents=True, exist_ok=True)
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar, open(journal, "a") as jf:
+        if not done:
+            jf.write(json.dumps({"header": header}) + "\n")
         task = bar.add_task(pipeline.backend.name, total=len(todo), fps=0.0)
         t_loop = time.perf_counter()
         for n, (i, token) in enumerate(todo, 1):
@@ -165,7 +179,7 @@ def infer_drive(model: Path, dataroot: Path, version: str, out: Path, *, split: 
     for token, rec in done.items():
         if rec["status"] != "ok":
             summary.skipped[token] = rec["status"].removeprefix("skipped: ")
-    records = {**done, **_read_journal(journal)}
+    records = {**done, **_read_journal(journal)[1]}
     results = {t: records[t]["entries"] for t in tokens}
     if not any(results.values()):
         log.warning("no detections in any frame: the submission has zero boxes")

@@ -89,8 +89,11 @@ def test_resume_gives_an_identical_file(small_drive, random_student_checkpoint, 
         infer_drive(model, small_drive, VERSION, out, split="mini_val", progress=False)
     assert not out.exists()                                         # nothing half-written
     journal = out.with_name(out.name + ".journal.jsonl")
-    assert len(journal.read_text().splitlines()) == 2
+    assert len(journal.read_text().splitlines()) == 1 + 2           # header + two frames
     monkeypatch.setattr(Pipeline, "__call__", original)
+    with pytest.raises(UserError, match="another model or other settings"):
+        infer_drive(model, small_drive, VERSION, out, split="mini_val", resume=True, score_threshold=0.2,
+                    progress=False)
     resumed = infer_drive(model, small_drive, VERSION, out, split="mini_val", resume=True, progress=False)
     assert resumed.resumed == 2 and resumed.processed == full.frames - 2
     assert out.read_bytes() == full.out.read_bytes()
