@@ -35,8 +35,18 @@ class CalibrationResult:
     def summary(self) -> str:
         lines = [self.report]
         lines += [f"warning: {w}" for w in self.warnings]
-        lines.append(f"next: imkd build-engine --model {self.out_path} --backend tensorrt-rtx "
-                     f"--out engines/{self.out_path.stem.replace('.', '_')}.engine")
+        from imkd_deploy.export.metadata import read_metadata
+
+        try:
+            ops = read_metadata(self.out_path).get("ops")
+        except UserError:
+            ops = None
+        lines.append(f"next: imkd infer --model {self.out_path} --dataroot DATAROOT --split SPLIT --eval")
+        if ops == "onnx":   # ScatterND(add): TensorRT's parser cannot take it
+            lines.append("      (for an engine, calibrate the `imkd export --ops tensorrt` model and build that one)")
+        else:
+            lines.append(f"      imkd build-engine --model {self.out_path} --backend tensorrt-rtx "
+                         f"--out engines/{self.out_path.stem.replace('.', '_')}.engine")
         return "\n".join(lines)
 
 

@@ -206,7 +206,8 @@ def compute_ranges(model_path: Path, feeds: Iterable[Feed], settings: QuantizeSe
             raise UserError(f"calibration run failed on frame {seen} of {model_path.name}: {exc}") from exc
     if seen == 0:
         raise UserError("calibration data reader yielded no frames")
-    ranges = calibrater.compute_data()
+    with contextlib.redirect_stdout(io.StringIO()):   # ORT prints its method's internals here
+        ranges = calibrater.compute_data()
     log.info("calibrated on %d frames in %.1f s", seen, time.perf_counter() - t0)
     return ranges
 
