@@ -27,11 +27,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def small_drive(tmp_path_factory):
-    """3 scenes (2 mini_train, 1 mini_val) x 5 key frames at 400x225: shared, read-only."""
+    """3 scenes (2 mini_train, 1 mini_val) x 6 key frames at 400x225, written once per session.
+    Read-only: a test that damages files works on a copy."""
     from imkd_deploy.data.synth import SynthConfig, write_drive
 
     root = tmp_path_factory.mktemp("drive") / "nus"
-    write_drive(root, SynthConfig(version="v1.0-mini", num_scenes=3, samples_per_scene=5, image_width=400,
+    write_drive(root, SynthConfig(version="v1.0-mini", num_scenes=3, samples_per_scene=6, image_width=400,
                                   image_height=225, seed=0))
     return root
 

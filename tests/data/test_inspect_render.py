@@ -19,13 +19,8 @@ VERSION = "v1.0-mini"
 
 
 @pytest.fixture(scope="module")
-def drive(tmp_path_factory):
-    from imkd_deploy.data.synth import SynthConfig, write_drive
-
-    root = tmp_path_factory.mktemp("inspect") / "nus"
-    write_drive(root, SynthConfig(version=VERSION, num_scenes=3, samples_per_scene=6, image_width=400,
-                                  image_height=225, seed=0))
-    return root
+def drive(small_drive):
+    return small_drive
 
 
 def _table(root, name):
