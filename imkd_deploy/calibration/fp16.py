@@ -70,7 +70,7 @@ def convert_fp16(model_path: Path, out_path: Path, keep_fp32_op_types: frozenset
                  keep_fp32_nodes: tuple[str, ...] = ()) -> FP16Result:
     """Write a mixed FP16/FP32 copy of `model_path` with unchanged FP32 inputs and outputs."""
     from imkd_deploy.calibration.quantize import stamp_metadata
-    from imkd_deploy.engines.sidecar import file_sha256
+    from imkd_deploy.export.metadata import file_sha256
 
     model_path, out_path = Path(model_path), Path(out_path)
     if not model_path.is_file():

@@ -260,7 +260,7 @@ def get_ranges(model_path: Path, feeds, settings: QuantizeSettings, *, set_sha25
     Returns (ORT TensorsData, cache note: "hit" | "miss (reason)" | "not used").
     """
     from imkd_deploy.calibration.cache import CacheKey
-    from imkd_deploy.engines.sidecar import file_sha256
+    from imkd_deploy.export.metadata import file_sha256
 
     settings.validate()
     key = CacheKey.make(file_sha256(model_path), set_sha256 or "none", settings.range_key())
@@ -285,7 +285,7 @@ def quantize_int8(model_path: Path, feeds: Iterable[Feed] | Callable[[], Iterabl
                   settings: QuantizeSettings | None = None, *, set_sha256: str | None = None,
                   cache=None, cache_label: str | None = None, ranges=None) -> QuantizeResult:
     """FP32 ONNX -> INT8 Q/DQ ONNX (ranges from `ranges`, else `cache`, else calibrating on `feeds`)."""
-    from imkd_deploy.engines.sidecar import file_sha256
+    from imkd_deploy.export.metadata import file_sha256
 
     settings = settings or QuantizeSettings()
     settings.validate()

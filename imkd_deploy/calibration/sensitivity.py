@@ -70,7 +70,7 @@ def sensitivity_pass(model_path: Path, ranges, eval_feeds: Sequence[Feed], out_p
                      settings: QuantizeSettings | None = None, target: float = 0.05,
                      max_fp32_layers: int = 16, set_sha256: str | None = None) -> SensitivityReport:
     """Write `out_path` (Q/DQ) with the fewest extra FP32 layers that bring the error under `target`."""
-    from imkd_deploy.engines.sidecar import file_sha256
+    from imkd_deploy.export.metadata import file_sha256
 
     settings = settings or QuantizeSettings()
     model_path, out_path = Path(model_path), Path(out_path)

@@ -9,7 +9,6 @@ prints the exact command to rebuild the engine for this machine.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import shlex
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imkd_deploy.atomic import atomic_write_text
+from imkd_deploy.export.metadata import file_sha256  # noqa: F401  (re-exported: one home, export/metadata)
 from imkd_deploy.errors import CompatibilityError, UserError
 
 SIDECAR_SCHEMA = 1
@@ -25,17 +25,6 @@ META_PRECISION = "imkd.precision"
 META_CALIBRATION_SET = "imkd.calibration_set_sha256"
 META_SOURCE_ONNX = "imkd.source_onnx_sha256"
 _CHECKPOINT_KEYS = ("checkpoint_sha256", "checkpoint_hash", "model_sha256", "imkd.checkpoint_sha256")
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file plus its ONNX external-data file when one sits beside it."""
-    digest = hashlib.sha256()
-    for part in (Path(path), Path(str(path) + ".data")):
-        if part.is_file():
-            with part.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sidecar_path_for(engine_path: Path) -> Path:

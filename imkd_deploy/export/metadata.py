@@ -18,10 +18,14 @@ METADATA_KEY = "imkd"
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, plus its ONNX external-data file (``NAME.data``) when one sits beside it:
+    the identity of a model, however it is stored."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for part in (Path(path), Path(str(path) + ".data")):
+        if part.is_file():
+            with open(part, "rb") as f:
+                while block := f.read(chunk):
+                    h.update(block)
     return h.hexdigest()
 
 
