@@ -3,7 +3,8 @@
 The training collate (distill.dataset) is the one definition of how images are normalised,
 geometry is stacked and pillars are built; this module only adapts it to numpy-by-name, so
 training and deployment cannot drift apart. BEVPool geometry comes from a GeometryCache
-keyed by the rig's calibration: a drive with one rig computes it once.
+keyed by the rig's calibration (the one cache ``network_inputs`` keeps), so a drive with one rig
+computes it once, whether training, evaluating or deploying in the same process.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from imkd_deploy.data.frame import Frame
 from imkd_deploy.ops.bev_pool import GeometryCache
 from imkd_deploy.runtime.backends import INPUT_NAMES
 
-_CACHE = GeometryCache(maxsize=16)
-
 
 @dataclass
 class Preprocessed:
@@ -30,11 +29,8 @@ class Preprocessed:
 def preprocess(frame: Frame, cfg: ModelConfig, cache: GeometryCache | None = None) -> Preprocessed:
     from imkd_deploy.distill.dataset import collate, network_inputs
 
-    sample = network_inputs(frame, cfg, cache or _CACHE)
+    sample = network_inputs(frame, cfg, cache)
     batch = collate([sample], cfg)
     inputs = {name: batch[name].numpy() for name in INPUT_NAMES}
     return Preprocessed(frame.sample_token, frame.ego2global, inputs)
 
-
-def geometry_cache() -> GeometryCache:
-    return _CACHE
