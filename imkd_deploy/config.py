@@ -208,6 +208,9 @@ class DistillConfig(_Serializable):
     lambda_off: float = 0.2      # ... and where it does not
     heatmap_eps: float = 0.05    # level-2 floor on the GT heatmap weight
     intensity_fusion: bool = True  # level 3: the intensity prior feeds the fusion gate
+    fused_at: str = "fused"      # level-2 student side: "fused" (fusion output) | "encoder" (BEV-encoder output)
+    lidar_weight: str = "intensity"  # level-1 I_L: "intensity" (all returns) | "structure" (above-ground only)
+    feature_norm: bool = False   # standardise each channel (per sample, over BEV) before the feature MSE
 
     def enabled(self, level: str) -> bool:
         parts = set(self.levels.split("+"))
@@ -220,6 +223,10 @@ class DistillConfig(_Serializable):
         bad = parts - {"none", "radar", "fused", "resp", "all"}
         if bad:
             raise ConfigError(f"DistillConfig.levels: unknown level(s) {sorted(bad)}; use none|radar|fused|all")
+        if self.fused_at not in ("fused", "encoder"):
+            raise ConfigError(f"DistillConfig.fused_at: '{self.fused_at}' (fused|encoder)")
+        if self.lidar_weight not in ("intensity", "structure"):
+            raise ConfigError(f"DistillConfig.lidar_weight: '{self.lidar_weight}' (intensity|structure)")
 
 
 @dataclass

@@ -99,6 +99,11 @@ def read_manifest(path: Path) -> CalibrationSet:
     return CalibrationSet(header["version"], header["split"], tuple(entries), header.get("created", ""))
 
 
+def small_set_warning(n: int) -> str:
+    return (f"calibration set has {n} frames; INT8 ranges want >= {MIN_INT8_FRAMES} "
+            "(accuracy may drop; pass a larger --n)")
+
+
 def make_set(samples_by_scene: Mapping[str, Sequence[str]], n: int, version: str, split: str) -> CalibrationSet:
     """Pick `n` frames stratified across scenes (proportional to length) and evenly over time.
 
@@ -124,8 +129,7 @@ def make_set(samples_by_scene: Mapping[str, Sequence[str]], n: int, version: str
         picks = np.floor((np.arange(k) + 0.5) * len(tokens) / k).astype(int)
         entries.extend(CalibEntry(name, tokens[i]) for i in picks)
     if n < MIN_INT8_FRAMES:
-        warnings.append(f"calibration set has {n} frames; INT8 ranges want >= {MIN_INT8_FRAMES} "
-                        "(accuracy may drop; pass a larger --n)")
+        warnings.append(small_set_warning(n))
     for w in warnings:
         log.warning(w)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -3,7 +3,9 @@
 One sample is a dict of numpy arrays (cheap to cache and to pickle to DataLoader workers);
 :func:`collate` turns a list of them into torch tensors with batch-offset pillar coordinates
 and a stacked BEVPool geometry. Everything the network sees at inference (images,
-geometry, radar pillars) is produced by :func:`network_inputs`, which the runtime reuses.
+geometry, radar pillars) comes from the runtime's :func:`network_inputs` and
+:func:`collate_inputs`, so training and deployment cannot drift apart; this module adds the
+LiDAR pillars and the targets.
 """
 
 from __future__ import annotations
@@ -18,36 +20,9 @@ from imkd_deploy.config import ModelConfig
 from imkd_deploy.data.frame import Frame
 from imkd_deploy.distill.depth_target import depth_bin_targets
 from imkd_deploy.model.head import build_targets
-from imkd_deploy.model.pillars import LIDAR_SPEC, RADAR_SPEC, batch_pillars, pillarise
-from imkd_deploy.ops.bev_pool import GeometryCache, stack_geometry
-
-_GEOMETRY = GeometryCache(maxsize=32)
-
-
-def normalise_images(images: np.ndarray, cfg: ModelConfig) -> torch.Tensor:
-    """uint8 (..., H, W, 3) RGB -> float32 (..., 3, H, W) normalised with the config's mean/std."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()
-    mean = x.new_tensor(cfg.image_mean)
-    std = x.new_tensor(cfg.image_std)
-    return ((x - mean) / std).movedim(-1, -3).contiguous()
-
-
-def network_inputs(frame: Frame, cfg: ModelConfig, cache: GeometryCache | None = None) -> dict:
-    """The deployed network's per-frame inputs, numpy (images stay uint8 until collate)."""
-    if frame.images.shape[0] != cfg.num_cams or tuple(frame.images.shape[1:3]) != tuple(cfg.image_size):
-        raise ValueError(
-            f"frame {frame.sample_token}: images {frame.images.shape} do not match the model's "
-            f"{cfg.num_cams} cameras at {cfg.image_size}"
-        )
-    geometry = (cache or _GEOMETRY).get(frame.intrinsics, frame.cam2ego, frame.img_aug, cfg)
-    radar_pillars, radar_coords = pillarise(frame.radar_points, cfg.grid, RADAR_SPEC)
-    return {
-        "sample_token": frame.sample_token,
-        "ego2global": frame.ego2global,
-        "images": frame.images,
-        "geometry": geometry,
-        "radar": (radar_pillars, radar_coords),
-    }
+from imkd_deploy.model.pillars import LIDAR_SPEC, batch_pillars, pillarise
+from imkd_deploy.ops.bev_pool import GeometryCache
+from imkd_deploy.runtime.preprocess import collate_inputs, network_inputs
 
 
 def training_sample(frame: Frame, cfg: ModelConfig, role: str, cache: GeometryCache | None = None) -> dict:
@@ -97,19 +72,9 @@ class FrameDataset(Dataset):
 
 
 def collate(samples: list[dict], cfg: ModelConfig) -> dict:
-    """Stack a list of samples (from training_sample or network_inputs) into torch tensors."""
-    batch: dict = {
-        "sample_token": [s["sample_token"] for s in samples],
-        "ego2global": np.stack([s["ego2global"] for s in samples]),
-        "batch_size": len(samples),
-    }
-    if "images" in samples[0]:
-        batch["images"] = normalise_images(np.stack([s["images"] for s in samples]), cfg)
-        geom = stack_geometry([s["geometry"] for s in samples])
-        for name, arr in zip(("ranks_depth", "ranks_feat", "ranks_bev", "interval_starts", "interval_lengths"), geom.arrays()):
-            batch[name] = torch.from_numpy(np.array(arr, dtype=np.int32))
-        rp, rc = batch_pillars([s["radar"] for s in samples], cfg.grid)
-        batch["radar_pillars"], batch["radar_coords"] = torch.from_numpy(rp), torch.from_numpy(rc)
+    """Stack training samples: the network inputs (runtime's :func:`collate_inputs`), then the
+    teacher's LiDAR pillars and the targets."""
+    batch = collate_inputs(samples, cfg)
     if "lidar" in samples[0]:
         lp, lc = batch_pillars([s["lidar"] for s in samples], cfg.grid)
         batch["lidar_pillars"], batch["lidar_coords"] = torch.from_numpy(lp), torch.from_numpy(lc)

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 
 from imkd_deploy.distill.checkpoint import load_model
-from imkd_deploy.distill.dataset import collate, network_inputs, student_args, teacher_args
+from imkd_deploy.distill.dataset import collate, student_args, teacher_args
 from imkd_deploy.model.pillars import LIDAR_SPEC, pillarise
 from imkd_deploy.runtime.boxes import DEFAULT_META, submission_entries, write_submission
 from imkd_deploy.runtime.decode import decode
+from imkd_deploy.runtime.preprocess import network_inputs
 
 log = logging.getLogger(__name__)
 

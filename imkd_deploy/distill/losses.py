@@ -71,18 +71,29 @@ def depth_loss(depth_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------- distillation
-def weighted_feature_mse(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def standardise(feature: torch.Tensor) -> torch.Tensor:
+    """Each channel of each sample to zero mean, unit variance over the BEV plane."""
+    f = feature.float()
+    mean = f.mean(dim=(2, 3), keepdim=True)
+    std = f.std(dim=(2, 3), keepdim=True)
+    return (f - mean) / (std + 1e-4)
+
+
+def weighted_feature_mse(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, norm: bool = False) -> torch.Tensor:
     """sum_c w(c) * mean_ch (s - t)^2 / sum_c w(c). Mean over channels keeps the scale
-    independent of the channel count, so one weight works for tiny and nuscenes_r50."""
+    independent of the channel count, so one weight works for tiny and nuscenes_r50.
+    ``norm`` compares standardised channels, so neither side's scale matters."""
+    if norm:
+        student, teacher = standardise(student), standardise(teacher)
     err = (student.float() - teacher.float()).pow(2).mean(dim=1, keepdim=True)
     return (weight * err).sum() / weight.sum().clamp_min(EPS)
 
 
 def radar_distill_loss(adapted_radar: torch.Tensor, lidar_bev: torch.Tensor, lidar_intensity: torch.Tensor,
-                       radar_occupancy: torch.Tensor, lambda_on: float, lambda_off: float) -> torch.Tensor:
+                       radar_occupancy: torch.Tensor, lambda_on: float, lambda_off: float, norm: bool = False) -> torch.Tensor:
     """Level 1: w_r(c) = I_L(c) * (lambda_on if radar hits c else lambda_off)."""
     w = lidar_intensity * (lambda_on * radar_occupancy + lambda_off * (1.0 - radar_occupancy))
-    return weighted_feature_mse(adapted_radar, lidar_bev, w.detach())
+    return weighted_feature_mse(adapted_radar, lidar_bev, w.detach(), norm)
 
 
 def teacher_activation(feature: torch.Tensor) -> torch.Tensor:
@@ -92,11 +103,11 @@ def teacher_activation(feature: torch.Tensor) -> torch.Tensor:
 
 
 def fused_distill_loss(adapted_fused: torch.Tensor, teacher_feature: torch.Tensor, gt_heatmap: torch.Tensor,
-                       heatmap_eps: float) -> torch.Tensor:
+                       heatmap_eps: float, norm: bool = False) -> torch.Tensor:
     """Level 2: w_f(c) = norm(mean_ch |F_T(c)|) * max(H(c), eps), H = GT heatmap max over classes."""
     h = gt_heatmap.amax(dim=1, keepdim=True)
     w = teacher_activation(teacher_feature) * h.clamp_min(heatmap_eps)
-    return weighted_feature_mse(adapted_fused, teacher_feature, w.detach())
+    return weighted_feature_mse(adapted_fused, teacher_feature, w.detach(), norm)
 
 
 def response_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -122,7 +133,9 @@ class IMKDCriterion(nn.Module):
         self.use_fused = student and distill.enabled("fused") and distill.w_fused > 0
         self.use_resp = student and distill.enabled("resp") and distill.w_resp > 0
         self.radar_adapter = nn.Conv2d(cfg.radar_channels, teacher_cfg.lidar_channels, 1) if self.use_radar else None
-        self.fused_adapter = nn.Conv2d(cfg.fused_channels, teacher_cfg.bev_encoder_channels, 1) if self.use_fused else None
+        self.fused_key = "feature" if distill.fused_at == "encoder" else "fused"
+        fused_in = cfg.bev_encoder_channels if distill.fused_at == "encoder" else cfg.fused_channels
+        self.fused_adapter = nn.Conv2d(fused_in, teacher_cfg.bev_encoder_channels, 1) if self.use_fused else None
 
     @property
     def needs_teacher(self) -> bool:
@@ -139,11 +152,13 @@ class IMKDCriterion(nn.Module):
             raise ValueError("distillation levels are enabled but no teacher outputs were given")
         if self.use_radar:
             terms["radar_kd"] = radar_distill_loss(self.radar_adapter(out["radar_bev"]), teacher["lidar_bev"],
-                                                   teacher["lidar_intensity"], out["radar_occupancy"], d.lambda_on, d.lambda_off)
+                                                   teacher["lidar_structure_intensity" if d.lidar_weight == "structure" else "lidar_intensity"],
+                                                   out["radar_occupancy"], d.lambda_on, d.lambda_off,
+                                                   d.feature_norm)
             weights["radar_kd"] = d.w_radar
         if self.use_fused:
-            terms["fused_kd"] = fused_distill_loss(self.fused_adapter(out["fused"]), teacher["feature"],
-                                                   batch["heatmap"], d.heatmap_eps)
+            terms["fused_kd"] = fused_distill_loss(self.fused_adapter(out[self.fused_key]), teacher["feature"],
+                                                   batch["heatmap"], d.heatmap_eps, d.feature_norm)
             weights["fused_kd"] = d.w_fused
         if self.use_resp:
             terms["resp_kd"] = response_distill_loss(out["heatmap"], teacher["heatmap"])

@@ -63,6 +63,9 @@ LIDAR_SPEC = PillarSpec(
 # reflector. A saturating map keeps I_R in [0, 1] without a per-frame max, so one bright
 # truck does not dim every other cell.
 RADAR_RCS_REF_M2 = 10.0
+# Mean LiDAR return height (m above the ego frame's ground) from which a cell counts as
+# structure (0 below the first value, 1 above the second) in the object-focused I_L.
+STRUCTURE_HEIGHT = (0.2, 0.5)
 
 
 def pillarise(points: np.ndarray, grid: BEVGrid, spec: PillarSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -129,10 +132,19 @@ def radar_intensity_map(pillars: torch.Tensor, coords: torch.Tensor, batch, ny: 
     return scatter_to_bev(value[:, None], coords, batch, ny, nx)
 
 
-def lidar_intensity_map(pillars: torch.Tensor, coords: torch.Tensor, batch, ny: int, nx: int) -> torch.Tensor:
-    """I_L: mean return intensity times occupancy, normalised per sample to [0, 1], (B, 1, ny, nx)."""
-    value = pillars[:, LIDAR_SPEC.index("intensity_mean")][:, None]
-    dense = scatter_to_bev(value, coords, batch, ny, nx)
+def lidar_intensity_map(pillars: torch.Tensor, coords: torch.Tensor, batch, ny: int, nx: int,
+                        z_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """I_L: mean return intensity times occupancy, normalised per sample to [0, 1], (B, 1, ny, nx).
+
+    With ``z_range`` (the grid's), occupancy counts only structure above the road: a cell's
+    weight ramps from 0 at a mean return height of 0.2 m to 1 at 0.5 m (ego frame, z = 0 on
+    the ground). Without it, ground returns (asphalt, bright lane paint) hold most of the map."""
+    value = pillars[:, LIDAR_SPEC.index("intensity_mean")]
+    if z_range is not None:
+        z_mid, z_half = 0.5 * (z_range[0] + z_range[1]), 0.5 * (z_range[1] - z_range[0])
+        height = pillars[:, LIDAR_SPEC.index("dz")] * z_half + z_mid
+        value = value * ((height - STRUCTURE_HEIGHT[0]) / (STRUCTURE_HEIGHT[1] - STRUCTURE_HEIGHT[0])).clamp(0.0, 1.0)
+    dense = scatter_to_bev(value[:, None], coords, batch, ny, nx)
     peak = dense.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
     return dense / peak
 

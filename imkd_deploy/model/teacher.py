@@ -28,6 +28,8 @@ class TeacherNet(nn.Module):
         out.update(
             lidar_bev=lidar_bev, feature=feature,
             lidar_intensity=lidar_intensity_map(lidar_pillars, lidar_coords, batch, self.ny, self.nx),
+            lidar_structure_intensity=lidar_intensity_map(lidar_pillars, lidar_coords, batch, self.ny, self.nx,
+                                                          self.cfg.grid.z_range),
         )
         return out
 

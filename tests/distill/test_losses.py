@@ -9,7 +9,7 @@ import torch
 from imkd_deploy.config import BEVGrid, DistillConfig, tiny
 from imkd_deploy.distill.depth_target import IGNORE, depth_bin_targets
 from imkd_deploy.distill.losses import (IMKDCriterion, depth_loss, fused_distill_loss, gaussian_focal_loss,
-                                        radar_distill_loss, regression_l1, response_distill_loss)
+                                        radar_distill_loss, regression_l1, response_distill_loss, weighted_feature_mse)
 from imkd_deploy.model.head import build_targets
 from imkd_deploy.ops.bev_pool import example_rig
 
@@ -71,6 +71,37 @@ def test_criterion_distillation_terms_vanish_when_adapted_student_equals_teacher
     terms2 = crit(student2, batch, teacher)
     assert min(terms2["radar_kd"], terms2["fused_kd"], terms2["resp_kd"]) > 0
     assert float(terms2["total"].detach()) == pytest.approx(float(sum(terms2[k].detach() for k in terms2 if k != "total")), rel=1e-6)
+
+
+def test_feature_norm_ignores_scale_and_offset_of_either_side():
+    r = _maps(2)
+    teacher, other = r(B, 8, NY, NX), r(B, 8, NY, NX)
+    w = torch.rand(B, 1, NY, NX)
+    rescaled = 3.0 * teacher + 0.5            # same pattern, other scale: plain MSE sees it
+    assert weighted_feature_mse(rescaled, teacher, w) > 1.0
+    assert float(weighted_feature_mse(rescaled, teacher, w, norm=True)) == pytest.approx(0.0, abs=1e-6)
+    assert weighted_feature_mse(other, teacher, w, norm=True) > 1.0     # a different pattern still costs
+
+
+def test_level2_can_read_the_student_bev_encoder_output():
+    cfg = tiny().replace(fused_channels=12, bev_encoder_channels=16)
+    at_fused = IMKDCriterion(cfg, DistillConfig(levels="fused"), "student")
+    at_encoder = IMKDCriterion(cfg, DistillConfig(levels="fused", fused_at="encoder"), "student")
+    assert at_fused.fused_adapter.in_channels == 12 and at_encoder.fused_adapter.in_channels == 16
+    grid = cfg.grid
+    t = build_targets(np.array([[1.0, 2.0, 0.0, 2.0, 4.0, 1.5, 0.3, 1.0, 0.0]]), np.array([0]), grid, 10)
+    batch = {k: torch.from_numpy(getattr(t, k))[None] for k in ("heatmap", "index", "mask", "reg")}
+    batch["depth_target"] = torch.full((1, 6, 6, 16), IGNORE)
+    r = _maps(3)
+    teacher = {"feature": r(1, 16, grid.ny, grid.nx)}
+    student = {"heatmap": r(1, 10, grid.ny, grid.nx), "fused": r(1, 12, grid.ny, grid.nx), "feature": teacher["feature"],
+               "depth_logits": r(1, 6, 28, 6, 16),
+               **{k: r(1, c, grid.ny, grid.nx) for k, c in (("offset", 2), ("height", 1), ("dims", 3), ("rot", 2), ("vel", 2))}}
+    with torch.no_grad():
+        at_encoder.fused_adapter.weight.copy_(torch.eye(16)[:, :, None, None])
+        at_encoder.fused_adapter.bias.zero_()
+    assert at_encoder(student, batch, teacher)["fused_kd"] == 0      # reads "feature", not "fused"
+    assert at_fused(student, batch, teacher)["fused_kd"] > 0
 
 
 def test_ablation_levels_select_terms():

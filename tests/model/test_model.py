@@ -99,6 +99,12 @@ def test_pillarise_aggregates_per_cell():
     lf, lc = pillarise(np.array([[0.5, 0.5, 0.0, 200.0, 0.0], [1.5, 0.5, 0.0, 50.0, 0.0]]), grid, LIDAR_SPEC)
     i_l = lidar_intensity_map(torch.from_numpy(lf), torch.from_numpy(lc), 1, 8, 8)[0, 0]
     assert float(i_l[4, 4]) == pytest.approx(1.0) and float(i_l[4, 5]) == pytest.approx(0.25)
+    # structure-only I_L: a bright return on the road (lane paint) drops out, an object's side
+    # at 1 m counts fully, one at 0.35 m (half-way up the 0.2-0.5 m ramp) half
+    sf, sc = pillarise(np.array([[0.5, 0.5, 0.0, 200.0, 0.0], [1.5, 0.5, 1.0, 50.0, 0.0],
+                                 [2.5, 0.5, 0.35, 50.0, 0.0]]), grid, LIDAR_SPEC)
+    i_s = lidar_intensity_map(torch.from_numpy(sf), torch.from_numpy(sc), 1, 8, 8, grid.z_range)[0, 0]
+    assert float(i_s[4, 4]) == 0.0 and float(i_s[4, 5]) == pytest.approx(1.0) and float(i_s[4, 6]) == pytest.approx(0.5, abs=1e-5)
 
 
 def test_build_targets_peaks_and_regression():

@@ -1,0 +1,104 @@
+"""Combine several ``distill_ablation.py`` result files (one per student seed) into one table:
+each variant's NDS / mAP per seed, their mean and standard deviation, and the paired
+difference to the plain student (same seed, same teacher), which cancels part of the seed noise.
+
+    python benchmarks/distill_seeds.py benchmarks/results/imkd_seed0.json ... \\
+        --out benchmarks/results/imkd_seeds.md
+
+Every file must come from the same drive, teacher and step counts; the student seed and the
+distillation settings may differ (rows with other ``--set``/``--w-*`` settings get their own
+line, paired with the plain student of their seed from any file). The table goes to ``--out`` (written atomically) and to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from imkd_deploy.atomic import atomic_write_text
+
+SAME = ("drive", "teacher_steps", "student_steps", "batch_size", "val_samples")
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f}" if values else "—"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _delta(values: list[float]) -> str:
+    if not values:
+        return "—"
+    points = [100 * v for v in values]
+    sd = f" ± {statistics.stdev(points):.1f}" if len(points) > 1 else ""
+    return f"{statistics.mean(points):+.1f}{sd} ({', '.join(f'{p:+.1f}' for p in points)})"
+
+
+def _label(row: dict, meta: dict) -> str:
+    """Row name: the variant, plus the settings it trained with when a file sets any, so one
+    table can hold e.g. ``all`` and ``all (fused_at=encoder)``. The teacher and the plain
+    student do not depend on them."""
+    if row["variant"] in ("teacher", "none"):
+        return row["variant"]
+    extra = {**{k: v for k, v in (row.get("weights") or {}).items() if meta.get(k) is not None},
+             **(meta.get("settings") or {})}
+    return row["variant"] + (" (" + ", ".join(f"{k}={v}" for k, v in extra.items()) + ")" if extra else "")
+
+
+def summarise(files: list[Path]) -> str:
+    runs = [json.loads(f.read_text()) for f in files]
+    first = runs[0]["meta"]
+    for f, r in zip(files, runs):
+        diff = [k for k in SAME if r["meta"].get(k) != first.get(k)]
+        if diff:
+            raise SystemExit(f"{f}: differs from {files[0]} in {diff}; combine only runs of one setting")
+    seeds = sorted({r["meta"]["seed"] for r in runs})
+    rows: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        for row in r["rows"]:
+            rows.setdefault(_label(row, r["meta"]), {})[r["meta"]["seed"]] = row
+    lines = [
+        "# IMKD ablation over student seeds",
+        "",
+        f"Drive {first['drive']} ({first.get('train_samples', '?')} train / {first['val_samples']} val samples), "
+        f"teacher {first['teacher_steps']} steps (teacher seed {first.get('teacher_seed', first['seed'])}), "
+        f"students {first['student_steps']} steps, batch {first['batch_size']}, student seeds {seeds}.",
+        "Files: " + ", ".join(f"`{f.name}`" for f in files) + ".",
+        "",
+        "| Model | Distillation | NDS per seed | NDS mean ± sd | mAP mean ± sd | ΔNDS vs plain (paired) | ΔmAP vs plain (paired) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    base = rows.get("none", {})
+    for name, by_seed in rows.items():
+        ordered = [by_seed[s] for s in seeds if s in by_seed]
+        nds, mean_ap = [r["nds"] for r in ordered], [r["map"] for r in ordered]
+        paired = [s for s in seeds if s in by_seed and s in base]
+        if name in ("teacher", "none"):
+            d_nds = d_map = ""
+        else:
+            d_nds = _delta([by_seed[s]["nds"] - base[s]["nds"] for s in paired])
+            d_map = _delta([by_seed[s]["map"] - base[s]["map"] for s in paired])
+        lines.append(f"| {name} | {ordered[0]['note']} | {' / '.join(f'{v:.3f}' for v in nds)} | {_mean_sd(nds)} | "
+                     f"{_mean_sd(mean_ap)} | {d_nds} | {d_map} |")
+    lines += ["", "Δ in points (x100): mean ± sd over seeds of (variant − plain student) at the same seed, "
+              "then the per-seed values. The teacher row repeats when every seed shares one teacher.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="+", type=Path, help="distill_ablation.py result JSON files")
+    p.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
+    args = p.parse_args(argv)
+    table = summarise(args.files)
+    if args.out is not None:
+        atomic_write_text(args.out, table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
