@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from imkd_deploy.errors import UserError
 from imkd_deploy.atomic import atomic_write_text
+from imkd_deploy.errors import UserError
 from imkd_deploy.export.metadata import file_sha256
 
 VERSION = "v1.0-mini"
@@ -218,6 +218,8 @@ def run_quickstart(workdir: Path, settings: QuickstartSettings | None = None,
 
         cset = make_set(samples_by_scene(drive, VERSION, "mini_train"), s.calib_frames, VERSION, "mini_train")
         cset.write(calib_manifest)
+        for w in cset.warnings:
+            runner.log(f"warning: {w}")
         out = {"set": str(calib_manifest), "set_sha256": cset.sha256}
         for ops in ("onnx", "tensorrt"):
             res = calibrate_from_drive(Path(ex.outputs[ops]), calib_manifest, "int8", None, drive, s.calib_method,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -26,7 +25,6 @@ import numpy as np
 from imkd_deploy.atomic import atomic_write_text
 from imkd_deploy.errors import UserError
 
-log = logging.getLogger("imkd.calibration")
 
 MANIFEST_FORMAT = "imkd calibration set v1"
 MIN_INT8_FRAMES = 100          # below this, INT8 ranges are noisy (TensorRT / Ultralytics guidance: 100-500)
@@ -96,7 +94,8 @@ def read_manifest(path: Path) -> CalibrationSet:
             raise UserError(f"{path}: header lacks '# {key}: ...'")
     if not entries:
         raise UserError(f"{path}: calibration manifest lists no frames")
-    return CalibrationSet(header["version"], header["split"], tuple(entries), header.get("created", ""))
+    warnings = [small_set_warning(len(entries))] if len(entries) < MIN_INT8_FRAMES else []
+    return CalibrationSet(header["version"], header["split"], tuple(entries), header.get("created", ""), warnings)
 
 
 def small_set_warning(n: int) -> str:
@@ -108,7 +107,8 @@ def make_set(samples_by_scene: Mapping[str, Sequence[str]], n: int, version: str
     """Pick `n` frames stratified across scenes (proportional to length) and evenly over time.
 
     `samples_by_scene` maps scene name -> sample tokens in time order. Warnings (set too
-    small for INT8, fewer frames than asked) are logged and kept in `.warnings`.
+    small for INT8, fewer frames than asked) are kept in `.warnings` for the caller to report;
+    calibrate() logs them.
     """
     if n <= 0:
         raise UserError(f"calibration set size must be > 0, got {n}")
@@ -130,8 +130,6 @@ def make_set(samples_by_scene: Mapping[str, Sequence[str]], n: int, version: str
         entries.extend(CalibEntry(name, tokens[i]) for i in picks)
     if n < MIN_INT8_FRAMES:
         warnings.append(small_set_warning(n))
-    for w in warnings:
-        log.warning(w)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return CalibrationSet(version, split, tuple(entries), created, warnings)
 

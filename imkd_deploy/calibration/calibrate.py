@@ -15,8 +15,7 @@ from typing import Callable
 import numpy as np
 
 from imkd_deploy.calibration.cache import DEFAULT_CACHE_DIR, CalibrationCache
-from imkd_deploy.calibration.calib_set import (MIN_INT8_FRAMES, CalibEntry, CalibrationSet, read_manifest,
-                                                small_set_warning)
+from imkd_deploy.calibration.calib_set import CalibEntry, CalibrationSet, read_manifest
 from imkd_deploy.calibration.quantize import Feed, QuantizeSettings, get_ranges, quantize_int8
 from imkd_deploy.errors import UserError
 
@@ -69,10 +68,8 @@ def calibrate(model: Path, calib_set: Path | CalibrationSet | None, precision: s
     cset = calib_set if isinstance(calib_set, CalibrationSet) else read_manifest(calib_set)
     set_name = Path(calib_set).stem if not isinstance(calib_set, CalibrationSet) else f"set{cset.sha256[:8]}"
     warnings = list(cset.warnings)
-    if len(cset) < MIN_INT8_FRAMES and small_set_warning(len(cset)) not in warnings:
-        # a set read from a manifest carries no warnings of its own; one made in memory already warned
-        warnings.append(small_set_warning(len(cset)))
-        log.warning(warnings[-1])
+    for w in warnings:
+        log.warning(w)
     settings = settings or QuantizeSettings()
     cache = CalibrationCache(cache_dir)
     label = f"{model.stem}.{set_name}"

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from imkd_deploy.atomic import atomic_write_text
-from imkd_deploy.export.metadata import file_sha256  # noqa: F401  (re-exported: one home, export/metadata)
 from imkd_deploy.errors import CompatibilityError, UserError
+from imkd_deploy.export.metadata import file_sha256
 
 SIDECAR_SCHEMA = 1
 # ONNX metadata_props keys the calibration step writes (export may add the others).

@@ -9,8 +9,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from imkd_deploy.engines.builder import BuildSettings, build_engine, dry_run, network_from_onnx, parse_profile
-from imkd_deploy.engines.sidecar import file_sha256, read_sidecar
+from imkd_deploy.engines.sidecar import read_sidecar
 from imkd_deploy.errors import UserError
+from imkd_deploy.export.metadata import file_sha256
 
 pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (the rtx extra) is not installed")
 
