@@ -68,15 +68,16 @@ VARIANTS = {
 }
 
 
-def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int, seed: int) -> Path:
+def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int, seed: int,
+                 conditions: str = "day") -> Path:
     if dataroot is not None:
         return dataroot
     from imkd_deploy.data.synth import SynthConfig, write_drive
 
-    drive = workdir / "drive"
+    drive = workdir / ("drive" if conditions == "day" else f"drive-{conditions}")
     if not (drive / VERSION).is_dir():
-        print(f"writing a synthetic drive: {scenes} scenes x {samples} samples -> {drive}", flush=True)
-        write_drive(drive, SynthConfig(num_scenes=scenes, samples_per_scene=samples, seed=seed))
+        print(f"writing a synthetic drive: {scenes} scenes x {samples} samples, {conditions} -> {drive}", flush=True)
+        write_drive(drive, SynthConfig(num_scenes=scenes, samples_per_scene=samples, seed=seed, conditions=conditions))
     return drive
 
 
@@ -109,7 +110,7 @@ def _same_run(saved: dict | None, run: RunConfig) -> bool:
 def train_and_score(variant: Variant, run: RunConfig, drive: Path, runs: Path, frames, val_frames,
                     teacher_ckpt: Path | None) -> dict:
     """Train (or reuse a finished run), then decode mini_val and score it."""
-    from imkd_deploy.distill.evaluate import predict_split
+    from imkd_deploy.distill.evaluate import predict_split, results_path
     from imkd_deploy.distill.trainer import fit
     from imkd_deploy.evaluation.nuscenes_metrics import evaluate_submission
 
@@ -119,6 +120,10 @@ def train_and_score(variant: Variant, run: RunConfig, drive: Path, runs: Path, f
         record = json.loads(done.read_text())
         if _same_run(record.get("run"), run):
             print(f"[{variant.name}] reusing {done}", flush=True)
+            saved = results_path(Path(record["checkpoint"]), SPLIT_VAL)
+            if "by_condition" not in record and saved.is_file():
+                record["by_condition"] = condition_scores(saved, drive)
+                atomic_write_text(done, json.dumps(record, indent=2))
             return record
     stale = out / "config.json"
     if stale.is_file() and not _same_run(json.loads(stale.read_text()).get("run"), run):
@@ -142,10 +147,36 @@ def train_and_score(variant: Variant, run: RunConfig, drive: Path, runs: Path, f
         "train_seconds": round(train_s, 1), "steps": run.train.max_steps,
         "final_losses": {k: v for k, v in last.items() if k not in ("step", "lr", "elapsed_s", "grad_norm")},
         "checkpoint": str(result.checkpoint), "run": run.to_dict(),
+        "by_condition": condition_scores(results, drive),
     }
     atomic_write_text(done, json.dumps(record, indent=2))
     print(f"[{variant.name}] NDS {record['nds']:.4f} mAP {record['map']:.4f} ({train_s:.0f} s training)", flush=True)
     return record
+
+
+def drive_conditions(drive: Path) -> dict[str, dict[str, int]]:
+    """Scenes per condition in each split, e.g. {"mini_val": {"day": 1, "night": 1}}."""
+    from imkd_deploy.data.loader import open_nuscenes, scenes_by_condition, split_scene_names
+
+    nusc = open_nuscenes(drive, VERSION)
+    return {split: {c: len(n) for c, n in scenes_by_condition(nusc, split_scene_names(drive, VERSION, split)).items()}
+            for split in (SPLIT_TRAIN, SPLIT_VAL)}
+
+
+def condition_scores(results: Path, drive: Path) -> dict[str, dict]:
+    """NDS / mAP of each scene condition (day, rain, night) of mini_val, when it holds more than one."""
+    from imkd_deploy.data.loader import open_nuscenes, scenes_by_condition, split_scene_names
+    from imkd_deploy.evaluation.nuscenes_metrics import evaluate_submission
+
+    groups = scenes_by_condition(open_nuscenes(drive, VERSION), split_scene_names(drive, VERSION, SPLIT_VAL))
+    if len(groups) < 2:
+        return {}
+    scores = {}
+    for condition, names in groups.items():
+        m = evaluate_submission(results, drive, VERSION, SPLIT_VAL, scenes=names,
+                                out_dir=results.parent / f"{results.stem}_eval_{condition}")
+        scores[condition] = {"nds": m["nd_score"], "map": m["mean_ap"], "scenes": names}
+    return scores
 
 
 def used_weights(variant: Variant, run: RunConfig) -> dict[str, float]:
@@ -174,15 +205,23 @@ def markdown_table(records: list[dict], meta: dict) -> str:
         "",
         f"Drive: {meta['drive']} ({meta['train_samples']} train / {meta['val_samples']} val samples); "
         f"teacher {meta['teacher_steps']} steps, every student {meta['student_steps']} steps, batch "
-        f"{meta['batch_size']}, seed {meta['seed']} (teacher seed {meta.get('teacher_seed', meta['seed'])}), `tiny` preset, CPU ({meta['threads']} thread).",
+        f"{meta['batch_size']}, seed {meta['seed']} (teacher seed {meta.get('teacher_seed', meta['seed'])}), `tiny` preset, CPU ({meta['threads']} thread)."
+        + "".join(f" {split} scenes: " + ", ".join(f"{n} {c}" for c, n in count.items()) + "."
+                  for split, count in meta.get("conditions", {}).items()),
         "",
-        "| Model | Distillation | KD weights | NDS | mAP | ΔNDS vs plain student | mATE | mASE | mAOE | mAVE | mAAE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    conditions = [c for c in ("day", "rain", "night") if any(c in r.get("by_condition", {}) for r in records)]
+    cond_head = "".join(f" NDS / mAP {c} |" for c in conditions)
+    lines += [
+        f"| Model | Distillation | KD weights | NDS | mAP | ΔNDS vs plain student |{cond_head} mATE | mASE | mAOE | mAVE | mAAE |",
+        "|---|---|---|---|---|---|" + "---|" * len(conditions) + "---|---|---|---|---|",
     ]
     for r in records:
         delta = "" if base is None or r["role"] == "teacher" else f"{100 * (r['nds'] - base['nds']):+.1f}"
         tp = r["tp_errors"]
-        lines.append(f"| {r['variant']} | {r['note']} | {_weights_cell(r)} | {r['nds']:.4f} | {r['map']:.4f} | {delta} | "
+        by = r.get("by_condition", {})
+        cond = "".join(f" {by[c]['nds']:.3f} / {by[c]['map']:.3f} |" if c in by else " |" for c in conditions)
+        lines.append(f"| {r['variant']} | {r['note']} | {_weights_cell(r)} | {r['nds']:.4f} | {r['map']:.4f} | {delta} |{cond} "
                      + " | ".join(f"{tp[k]:.3f}" for k in ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err"))
                      + " |")
     weight_args = "".join(f" --w-{lv} {meta[f'w_{lv}']:g}" for lv in ("radar", "fused") if meta.get(f"w_{lv}") is not None)
@@ -204,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the synthetic drive and the runs go")
     p.add_argument("--scenes", type=int, default=10, help="synthetic scenes (>= 10 gives 8 train + 2 val)")
     p.add_argument("--samples", type=int, default=40, help="key frames per synthetic scene")
+    p.add_argument("--conditions", default="day", choices=("day", "rain", "night", "mixed"),
+                   help="scene conditions of the synthetic drive (mixed: nuScenes-like rain and night share)")
     # The teacher trains 3x longer than a student: at 400 steps it is still far from converged
     # (val NDS 0.395 vs 0.493 at 1200), and a weak teacher has little to pass on.
     p.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS)
@@ -254,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     from imkd_deploy.data.loader import NuScenesDrive
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    drive = ensure_drive(args.dataroot, args.workdir, args.scenes, args.samples, args.seed)
+    drive = ensure_drive(args.dataroot, args.workdir, args.scenes, args.samples, args.seed, args.conditions)
     # Decode every frame once (JPEGs, sweeps) and share it between the six runs.
     t0 = time.perf_counter()
     train_drive = NuScenesDrive(drive, VERSION, tiny(), split=SPLIT_TRAIN, load_lidar=True)
@@ -277,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "batch_size": args.batch_size,
             "seed": args.seed, "teacher_seed": teacher_seed, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "name": args.name, "w_radar": args.w_radar, "w_fused": args.w_fused,
-            "settings": settings}
+            "settings": settings, "conditions": drive_conditions(drive)}
     table = markdown_table(records, meta)
     atomic_write_text(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": records}, indent=2))
     atomic_write_text(args.out / f"{args.name}.md", table)

@@ -60,6 +60,8 @@ def summarise(files: list[Path]) -> str:
     for r in runs:
         for row in r["rows"]:
             rows.setdefault(_label(row, r["meta"]), {})[r["meta"]["seed"]] = row
+    conditions = [c for c in ("day", "rain", "night")
+                  if any(c in row.get("by_condition", {}) for by_seed in rows.values() for row in by_seed.values())]
     lines = [
         "# IMKD ablation over student seeds",
         "",
@@ -68,8 +70,9 @@ def summarise(files: list[Path]) -> str:
         f"students {first['student_steps']} steps, batch {first['batch_size']}, student seeds {seeds}.",
         "Files: " + ", ".join(f"`{f.name}`" for f in files) + ".",
         "",
-        "| Model | Distillation | NDS per seed | NDS mean ± sd | mAP mean ± sd | ΔNDS vs plain (paired) | ΔmAP vs plain (paired) |",
-        "|---|---|---|---|---|---|---|",
+        "| Model | Distillation | NDS per seed | NDS mean ± sd | mAP mean ± sd | ΔNDS vs plain (paired) | ΔmAP vs plain (paired) |"
+        + "".join(f" NDS {c}: mean, Δ paired |" for c in conditions),
+        "|---|---|---|---|---|---|---|" + "---|" * len(conditions),
     ]
     base = rows.get("none", {})
     for name, by_seed in rows.items():
@@ -81,8 +84,16 @@ def summarise(files: list[Path]) -> str:
         else:
             d_nds = _delta([by_seed[s]["nds"] - base[s]["nds"] for s in paired])
             d_map = _delta([by_seed[s]["map"] - base[s]["map"] for s in paired])
+        cells = ""
+        for c in conditions:
+            have = [s for s in seeds if c in by_seed.get(s, {}).get("by_condition", {})]
+            mean_c = statistics.mean(by_seed[s]["by_condition"][c]["nds"] for s in have) if have else None
+            pairs = [s for s in have if c in base.get(s, {}).get("by_condition", {})]
+            delta_c = "" if name in ("teacher", "none") else ", " + _delta(
+                [by_seed[s]["by_condition"][c]["nds"] - base[s]["by_condition"][c]["nds"] for s in pairs])
+            cells += f" {mean_c:.3f}{delta_c} |" if mean_c is not None else " — |"
         lines.append(f"| {name} | {ordered[0]['note']} | {' / '.join(f'{v:.3f}' for v in nds)} | {_mean_sd(nds)} | "
-                     f"{_mean_sd(mean_ap)} | {d_nds} | {d_map} |")
+                     f"{_mean_sd(mean_ap)} | {d_nds} | {d_map} |{cells}")
     lines += ["", "Δ in points (x100): mean ± sd over seeds of (variant − plain student) at the same seed, "
               "then the per-seed values. The teacher row repeats when every seed shares one teacher.", ""]
     return "\n".join(lines)

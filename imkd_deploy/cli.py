@@ -53,6 +53,7 @@ def data_synth(
     samples: int = typer.Option(40, min=2, help="Key frames (2 Hz) per scene."),
     image_size: str = typer.Option("800x450", help="Camera image size WxH (real nuScenes: 1600x900)."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same drive, byte for byte."),
+    conditions: str = typer.Option("day", help="day, rain or night for every scene, or mixed: a nuScenes-like share of rain and night scenes (the scene description names them)."),
 ) -> None:
     """Write a synthetic recorded drive in the real nuScenes on-disk format (offline, deterministic)."""
     from imkd_deploy.data.synth import SynthConfig, write_drive
@@ -62,7 +63,8 @@ def data_synth(
     except ValueError:
         _fail(UserError(f"--image-size must look like 800x450, got '{image_size}'"))
     try:
-        summary = write_drive(out_dir, SynthConfig(version=version, num_scenes=scenes, samples_per_scene=samples, image_width=w, image_height=h, seed=seed))
+        summary = write_drive(out_dir, SynthConfig(version=version, num_scenes=scenes, samples_per_scene=samples, image_width=w, image_height=h, seed=seed,
+                                                     conditions=conditions))
     except UserError as exc:
         _fail(exc)
     out.print(summary.pretty())
@@ -163,18 +165,23 @@ def eval_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where metrics_summary.json (and plots) go; default beside the results."),
     plots: bool = typer.Option(False, help="Also render the devkit's PR/TP plots (slow)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    condition: Optional[str] = typer.Option(None, help="Score only the split's day, rain or night scenes (by scene description, as nuScenes val is usually split)."),
 ) -> None:
     """nuScenes detection metrics (mAP, TP errors, NDS, per-class table) via nuscenes-devkit."""
+    from imkd_deploy.data.loader import condition_scene_names
     from imkd_deploy.evaluation.nuscenes_metrics import evaluate_submission, print_metrics
 
     if (results is None) == (checkpoint is None):
         _fail(UserError("give exactly one of --results R.json or --checkpoint CKPT"))
     try:
+        scenes = condition_scene_names(dataroot, version, split, condition) if condition is not None else None
         if checkpoint is not None:
             from imkd_deploy.distill.evaluate import predict_split
 
             results = predict_split(checkpoint, dataroot, version, split)
-        metrics = evaluate_submission(results, dataroot, version, split, out_dir=out_dir, plots=plots)
+        if out_dir is None and condition is not None:
+            out_dir = results.parent / f"{results.stem}_eval_{condition}"
+        metrics = evaluate_submission(results, dataroot, version, split, out_dir=out_dir, plots=plots, scenes=scenes)
     except UserError as exc:
         _fail(exc)
     if as_json:

@@ -29,6 +29,8 @@ RADAR_CHANNELS: tuple[str, ...] = (
     "RADAR_BACK_LEFT", "RADAR_BACK_RIGHT",
 )
 LIDAR_CHANNEL = "LIDAR_TOP"
+# Scene conditions, told apart by the scene description ("Night, ...", "Rain, ..."), as on nuScenes.
+SCENE_CONDITIONS: tuple[str, ...] = ("day", "rain", "night")
 
 
 class ConfigError(ValueError):
@@ -211,6 +213,7 @@ class DistillConfig(_Serializable):
     fused_at: str = "fused"      # level-2 student side: "fused" (fusion output) | "encoder" (BEV-encoder output)
     lidar_weight: str = "intensity"  # level-1 I_L: "intensity" (all returns) | "structure" (above-ground only)
     feature_norm: bool = False   # standardise each channel (per sample, over BEV) before the feature MSE
+    kd_channels: float = 1.0     # share of the student's channels the level-1/2 adapters read; the rest stay free
 
     def enabled(self, level: str) -> bool:
         parts = set(self.levels.split("+"))
@@ -227,6 +230,8 @@ class DistillConfig(_Serializable):
             raise ConfigError(f"DistillConfig.fused_at: '{self.fused_at}' (fused|encoder)")
         if self.lidar_weight not in ("intensity", "structure"):
             raise ConfigError(f"DistillConfig.lidar_weight: '{self.lidar_weight}' (intensity|structure)")
+        if not 0.0 < self.kd_channels <= 1.0:
+            raise ConfigError(f"DistillConfig.kd_channels: {self.kd_channels} (a share in (0, 1])")
 
 
 @dataclass

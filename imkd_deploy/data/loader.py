@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imkd_deploy.config import CAMERA_CHANNELS, CLASS_NAMES, LIDAR_CHANNEL, RADAR_CHANNELS, ModelConfig
+from imkd_deploy.config import CAMERA_CHANNELS, CLASS_NAMES, LIDAR_CHANNEL, RADAR_CHANNELS, SCENE_CONDITIONS, ModelConfig
 from imkd_deploy.data.frame import Frame
 from imkd_deploy.data.image import ImageReadError, load_camera_image, placeholder_image
 from imkd_deploy.data.lidar import LIDAR_POINT_DIM, lidar_sweep_points, read_lidar_bin
@@ -185,6 +185,32 @@ def scene_sample_tokens(nusc, scene: dict) -> list[str]:
         tokens.append(tok)
         tok = nusc.get("sample", tok)["next"]
     return tokens
+
+
+def scene_condition(scene: dict) -> str:
+    """day, rain or night from a scene's description, as nuScenes users split val: the
+    devkit has no such field, and its descriptions name night and rain ("Night, ...")."""
+    words = scene["description"].lower()
+    return "night" if "night" in words else "rain" if "rain" in words else "day"
+
+
+def scenes_by_condition(nusc, scene_names: list[str]) -> dict[str, list[str]]:
+    """The given scenes grouped by ``scene_condition``; conditions without scenes are left out."""
+    by_name = {s["name"]: s for s in nusc.scene}
+    out = {c: [n for n in scene_names if n in by_name and scene_condition(by_name[n]) == c] for c in SCENE_CONDITIONS}
+    return {c: names for c, names in out.items() if names}
+
+
+def condition_scene_names(dataroot: str | Path, version: str, split: str, condition: str) -> list[str]:
+    """The scenes of ``split`` whose description makes them ``condition`` (day, rain, night)."""
+    if condition not in SCENE_CONDITIONS:
+        raise UserError(f"condition must be one of {', '.join(SCENE_CONDITIONS)}, got '{condition}'")
+    groups = scenes_by_condition(open_nuscenes(dataroot, version), split_scene_names(dataroot, version, split))
+    if condition not in groups:
+        held = ", ".join(f"{len(n)} {c}" for c, n in groups.items()) or "none of its scenes"
+        raise UserError(f"split '{split}' of {Path(dataroot) / version} has no {condition} scene "
+                        f"(scene descriptions name 'night' or 'rain'; it holds {held})")
+    return groups[condition]
 
 
 def split_sample_tokens(nusc, dataroot: str | Path, version: str, split: str | None,

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imkd_deploy.config import CAMERA_CHANNELS, CLASS_NAMES, LIDAR_CHANNEL, RADAR_CHANNELS
+from imkd_deploy.config import CAMERA_CHANNELS, CLASS_NAMES, LIDAR_CHANNEL, RADAR_CHANNELS, SCENE_CONDITIONS
 from imkd_deploy.data import synth_tables as T
 from imkd_deploy.data.synth_camera import CameraView, make_view, render_camera
+from imkd_deploy.data.synth_conditions import attenuate_lidar, condition_of, degrade_image
 from imkd_deploy.data.synth_ground import LABEL_INTENSITY, GroundMap, rasterise_road
 from imkd_deploy.data.synth_lidar import cast_lidar
 from imkd_deploy.data.synth_radar import simulate_radar
@@ -68,6 +69,7 @@ class SynthConfig:
     radar_sweeps: int = 6             # per radar per key interval, key included (6 = 12 Hz)
     object_density: float = 1.0       # scales the per-100 m object counts
     jpeg_quality: int = 90
+    conditions: str = "day"           # day | rain | night for every scene, or mixed (synth_conditions.MIXED_CYCLE)
     workers: int = 0                  # scene-parallel processes; 0 = auto (one per core for big drives), 1 = in process
 
     def validate(self) -> None:
@@ -79,6 +81,8 @@ class SynthConfig:
             raise UserError(f"image size must be at least 32x32, got {self.image_width}x{self.image_height}")
         if self.lidar_sweeps < 1 or self.radar_sweeps < 1:
             raise UserError("lidar_sweeps and radar_sweeps must be >= 1 (the key frame counts)")
+        if self.conditions not in (*SCENE_CONDITIONS, "mixed"):
+            raise UserError(f"conditions must be one of {', '.join((*SCENE_CONDITIONS, 'mixed'))}, got {self.conditions!r}")
         if self.workers < 0:
             raise UserError(f"workers must be >= 0 (0 = one per CPU core), got {self.workers}")
         if self.is_mini and self.num_scenes > len(MINI_SCENE_ORDER):
@@ -233,6 +237,7 @@ class SceneWriter:
         self.views, self.tables = views, tables
         self.static_tables = T.static_tables(cfg.seed)
         self.world, self.ground, rng = build_scene(cfg, index)
+        self.condition = condition_of(cfg.conditions, index)
         sun_az, sun_el = rng.uniform(-np.pi, np.pi), rng.uniform(np.deg2rad(25), np.deg2rad(65))
         self.sun = np.array([np.cos(sun_el) * np.cos(sun_az), np.cos(sun_el) * np.sin(sun_az), np.sin(sun_el)])
         self.t0 = BASE_TIMESTAMP + index * 3_600_000_000 + int(rng.integers(0, 1_000_000))
@@ -247,6 +252,12 @@ class SceneWriter:
         # What the sensors see: the annotated box shrunk a little, so that surface hits with
         # centimetre noise still fall inside the annotation, as on real labelled data.
         self.shrink = np.array([2 * PHYSICAL_SHRINK, 2 * PHYSICAL_SHRINK, PHYSICAL_SHRINK])
+
+    @property
+    def description(self) -> str:
+        # nuScenes descriptions name the condition ("Night, ...", "Rain, ..."); tools filter on it
+        text = f"synthetic drive {self.name}, seed {self.cfg.seed}"
+        return text if self.condition == "day" else f"{self.condition.capitalize()}, {text}"
 
     # ---------------------------------------------------------------- timing
     def _timeline(self) -> dict[str, list[tuple[float, int, bool]]]:
@@ -314,7 +325,9 @@ class SceneWriter:
             value = mean_std[:, 0] + rng.standard_normal(len(p)) * mean_std[:, 1]
             return np.maximum(value * (0.5 + cos_inc), 0)
 
-        return cast_lidar(boxes[:, :7], self.world.objects.cls, sensor.translation[2], ground_intensity, rng)
+        sweep = cast_lidar(boxes[:, :7], self.world.objects.cls, sensor.translation[2], ground_intensity, rng)
+        sweep.points, sweep.object_id = attenuate_lidar(sweep.points, sweep.object_id, self.condition, rng)
+        return sweep
 
     def _radar(self, ch: str, t: float, rng: np.random.Generator):
         pos, yaw, _ = self._ego(t)
@@ -330,13 +343,16 @@ class SceneWriter:
         v_s = np.array([c * v[0] + s * v[1], -s * v[0] + c * v[1]])
         return simulate_radar(boxes, self.world.objects.cls, self.static, v_s, rng)
 
-    def _camera(self, ch: str, t: float) -> np.ndarray:
+    def _camera(self, ch: str, t: float, rng: np.random.Generator) -> np.ndarray:
         pos, yaw, ego2global = self._ego(t)
         boxes = self._to_sensor(self.world.boxes(t), pos, yaw, None)
         c, s = np.cos(-yaw), np.sin(-yaw)
         sun_ego = np.array([c * self.sun[0] - s * self.sun[1], s * self.sun[0] + c * self.sun[1], self.sun[2]])
         o = self.world.objects
-        return render_camera(self.views[ch], ego2global, self.ground, boxes[:, :7], o.cls, o.colour, self.rider, sun_ego)
+        view = self.views[ch]
+        img = render_camera(view, ego2global, self.ground, boxes[:, :7], o.cls, o.colour, self.rider, sun_ego)
+        sky = (view.ground_weight == 0) & (img == view.backdrop).all(-1) if self.condition == "night" else None
+        return degrade_image(img, self.condition, rng, sky)
 
     # ---------------------------------------------------------------- write
     def write(self) -> None:
@@ -349,7 +365,7 @@ class SceneWriter:
 
     def _write_scene_rows(self, sample_toks: list[str], key_lidar_t: list[float]) -> None:
         """log, map (+ its PNG), calibrated_sensor, scene and sample rows."""
-        cfg, tok, tables = self.cfg, self.tok, self.tables
+        tok, tables = self.tok, self.tables
         n_keys = len(sample_toks)
         scene_tok, log_tok = tok("scene"), tok("log")
         tables["log"].append({"token": log_tok, "logfile": self.logfile, "vehicle": "n015",
@@ -366,7 +382,7 @@ class SceneWriter:
             })
         tables["scene"].append({"token": scene_tok, "log_token": log_tok, "nbr_samples": n_keys,
                                 "first_sample_token": sample_toks[0], "last_sample_token": sample_toks[-1],
-                                "name": self.name, "description": f"synthetic drive {self.name}, seed {cfg.seed}"})
+                                "name": self.name, "description": self.description})
         for k in range(n_keys):
             tables["sample"].append({"token": sample_toks[k], "timestamp": self._us(key_lidar_t[k]),
                                      "prev": sample_toks[k - 1] if k else "", "next": sample_toks[k + 1] if k + 1 < n_keys else "",
@@ -403,7 +419,7 @@ class SceneWriter:
                     if is_key:
                         key_radar[k].append(_radar_to_global(sweep.points, ego2global @ self.rig[ch].to_ego()))
                 else:
-                    T.write_jpeg(self.root / rel, self._camera(ch, t), cfg.jpeg_quality)
+                    T.write_jpeg(self.root / rel, self._camera(ch, t, rng), cfg.jpeg_quality)
                 pose_tok = tok("ego_pose", ch, j)
                 tables["ego_pose"].append({"token": pose_tok, "timestamp": ts, "rotation": yaw_quaternion(yaw),
                                            "translation": [float(v) for v in pos]})

@@ -132,10 +132,15 @@ class IMKDCriterion(nn.Module):
         self.use_radar = student and distill.enabled("radar") and distill.w_radar > 0
         self.use_fused = student and distill.enabled("fused") and distill.w_fused > 0
         self.use_resp = student and distill.enabled("resp") and distill.w_resp > 0
-        self.radar_adapter = nn.Conv2d(cfg.radar_channels, teacher_cfg.lidar_channels, 1) if self.use_radar else None
+        # kd_channels < 1: the adapters read only the first channels, so the rest carry what the
+        # teacher lacks (radar Doppler: the LiDAR teacher's velocity is worse than the student's)
+        # without being pulled toward the teacher's features.
+        self.radar_in = max(1, round(cfg.radar_channels * distill.kd_channels))
+        self.radar_adapter = nn.Conv2d(self.radar_in, teacher_cfg.lidar_channels, 1) if self.use_radar else None
         self.fused_key = "feature" if distill.fused_at == "encoder" else "fused"
-        fused_in = cfg.bev_encoder_channels if distill.fused_at == "encoder" else cfg.fused_channels
-        self.fused_adapter = nn.Conv2d(fused_in, teacher_cfg.bev_encoder_channels, 1) if self.use_fused else None
+        self.fused_in = max(1, round((cfg.bev_encoder_channels if distill.fused_at == "encoder" else cfg.fused_channels)
+                                     * distill.kd_channels))
+        self.fused_adapter = nn.Conv2d(self.fused_in, teacher_cfg.bev_encoder_channels, 1) if self.use_fused else None
 
     @property
     def needs_teacher(self) -> bool:
@@ -151,13 +156,13 @@ class IMKDCriterion(nn.Module):
         if self.needs_teacher and teacher is None:
             raise ValueError("distillation levels are enabled but no teacher outputs were given")
         if self.use_radar:
-            terms["radar_kd"] = radar_distill_loss(self.radar_adapter(out["radar_bev"]), teacher["lidar_bev"],
-                                                   teacher["lidar_structure_intensity" if d.lidar_weight == "structure" else "lidar_intensity"],
+            terms["radar_kd"] = radar_distill_loss(self.radar_adapter(out["radar_bev"][:, :self.radar_in]), teacher["lidar_bev"],
+                                                   teacher["lidar_intensity"],
                                                    out["radar_occupancy"], d.lambda_on, d.lambda_off,
                                                    d.feature_norm)
             weights["radar_kd"] = d.w_radar
         if self.use_fused:
-            terms["fused_kd"] = fused_distill_loss(self.fused_adapter(out[self.fused_key]), teacher["feature"],
+            terms["fused_kd"] = fused_distill_loss(self.fused_adapter(out[self.fused_key][:, :self.fused_in]), teacher["feature"],
                                                    batch["heatmap"], d.heatmap_eps, d.feature_norm)
             weights["fused_kd"] = d.w_fused
         if self.use_resp:

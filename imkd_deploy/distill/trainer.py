@@ -269,7 +269,9 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
                     group["lr"] = lr
                 model.train()
                 with torch.no_grad(), amp:
-                    teacher_out = teacher.forward_train(*teacher_args(batch, device)) if criterion.needs_teacher else None
+                    teacher_out = (teacher.forward_train(*teacher_args(batch, device),
+                                                         structure_intensity=criterion.distill.lidar_weight == "structure")
+                                   if criterion.needs_teacher else None)
                 with amp:
                     terms = model(batch, teacher_out)
                 optimizer.zero_grad(set_to_none=True)

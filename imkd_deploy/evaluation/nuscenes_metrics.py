@@ -75,8 +75,9 @@ def _has_boxes(boxes) -> bool:
 
 
 def evaluate_submission(results_json: Path, dataroot, version, split, out_dir=None, plots=False,
-                        verbose=False) -> dict:
-    """Score a submission on a split. Returns the devkit's metrics summary plus ``eval_seconds``.
+                        verbose=False, scenes: list[str] | None = None) -> dict:
+    """Score a submission on a split (or on some of its ``scenes``, e.g. its night scenes).
+    Returns the devkit's metrics summary plus ``eval_seconds``.
 
     Writes metrics_summary.json and metrics_details.json (atomically) into ``out_dir``,
     default ``<results stem>_eval/`` beside the results file; ``plots`` adds the devkit's
@@ -91,7 +92,7 @@ def evaluate_submission(results_json: Path, dataroot, version, split, out_dir=No
     results_json = Path(results_json)
     submission = read_submission(results_json)
     nusc = open_nuscenes(dataroot, version)
-    tokens = split_sample_tokens(nusc, dataroot, version, split)
+    tokens = split_sample_tokens(nusc, dataroot, version, split, scenes)
     results = submission["results"]
     missing = [t for t in tokens if t not in results]
     if missing:
@@ -99,7 +100,7 @@ def evaluate_submission(results_json: Path, dataroot, version, split, out_dir=No
                         f"are missing from the results (e.g. {missing[0]}); list every sample, with [] "
                         "where nothing was detected")
     extra = len(results) - len(tokens)
-    if extra > 0:
+    if extra > 0 and scenes is None:
         log.warning("%s: ignoring results for %d samples outside split '%s'", results_json, extra, split)
 
     out_dir = Path(out_dir) if out_dir is not None else results_json.parent / f"{results_json.stem}_eval"
@@ -130,6 +131,8 @@ def evaluate_submission(results_json: Path, dataroot, version, split, out_dir=No
     summary["meta"] = dict(ev.meta)
     summary["eval_seconds"] = time.perf_counter() - start
     summary["split"], summary["version"] = split, version
+    if scenes is not None:
+        summary["scenes"] = list(scenes)
     summary["num_samples"], summary["num_pred_boxes"], summary["num_gt_boxes"] = (
         len(tokens), num_pred, len(ev.gt_boxes.all))
     atomic_write_json(out_dir / "metrics_summary.json", summary, indent=2)

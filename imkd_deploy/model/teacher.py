@@ -21,15 +21,17 @@ class TeacherNet(nn.Module):
         self.bev_encoder = BEVEncoder(cfg.lidar_channels, cfg.bev_encoder_channels)
         self.head = CenterHead(cfg.bev_encoder_channels, cfg.head_channels, cfg.num_classes)
 
-    def forward_train(self, lidar_pillars: torch.Tensor, lidar_coords: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    def forward_train(self, lidar_pillars: torch.Tensor, lidar_coords: torch.Tensor, batch: int,
+                      structure_intensity: bool = False) -> dict[str, torch.Tensor]:
+        """Heads plus what distillation reads. ``structure_intensity`` picks the I_L variant
+        (above-ground structure only, ``DistillConfig.lidar_weight="structure"``)."""
         lidar_bev = self.lidar_encoder(lidar_pillars, lidar_coords, batch)
         feature = self.bev_encoder(lidar_bev)
         out = self.head(feature)
         out.update(
             lidar_bev=lidar_bev, feature=feature,
-            lidar_intensity=lidar_intensity_map(lidar_pillars, lidar_coords, batch, self.ny, self.nx),
-            lidar_structure_intensity=lidar_intensity_map(lidar_pillars, lidar_coords, batch, self.ny, self.nx,
-                                                          self.cfg.grid.z_range),
+            lidar_intensity=lidar_intensity_map(lidar_pillars, lidar_coords, batch, self.ny, self.nx,
+                                                self.cfg.grid.z_range if structure_intensity else None),
         )
         return out
 

@@ -14,6 +14,7 @@ from nuscenes.utils.splits import create_splits_scenes
 from pyquaternion import Quaternion
 
 from imkd_deploy.config import CAMERA_CHANNELS, CLASS_NAMES, RADAR_CHANNELS
+from imkd_deploy.data.loader import scenes_by_condition
 from imkd_deploy.data.synth import SynthConfig, build_scene, write_drive
 from imkd_deploy.data.synth_camera import make_view, render_camera
 from imkd_deploy.data.synth_lidar import cast_lidar
@@ -281,3 +282,61 @@ def test_custom_version_writes_splits_and_refuses_non_empty_out(tmp_path):
     assert (empty / "v1.0-mini" / "sample.json").is_file()
     with pytest.raises(UserError, match="mini"):
         SynthConfig(num_scenes=11).validate()
+
+
+def test_conditions_degrade_camera_and_lidar_not_day():
+    from imkd_deploy.data.synth_conditions import attenuate_lidar, condition_of, degrade_image
+    rng = np.random.default_rng(0)
+    # a mid-grey image with one bright square: night keeps ~14% of the signal and adds noise,
+    # rain lowers the contrast; day returns the render untouched
+    img = np.full((90, 160, 3), 100, np.uint8)
+    img[30:60, 60:100] = 220
+    assert degrade_image(img, "day", rng) is img
+    night = degrade_image(img, "night", rng).astype(np.float32)
+    rain = degrade_image(img, "rain", rng).astype(np.float32)
+    assert night.mean() < 0.25 * img.mean() and night[5:25, 5:50].std() > 3.0
+    contrast = lambda x: x[35:55, 65:95].mean() - x[5:25, 5:50].mean()   # noqa: E731
+    assert contrast(rain) < 0.7 * contrast(img.astype(np.float32)) and contrast(night) > 0
+    sky = np.zeros(img.shape[:2], bool)
+    sky[:20] = True
+    assert degrade_image(img, "night", rng, sky)[2:15].mean() < 20
+
+    # rain: far returns drop out more often than near ones; survivors and wet road are dimmer
+    n = 20000
+    r = np.where(np.arange(n) < n // 2, 5.0, 60.0)
+    pts = np.stack([r, np.zeros(n), np.zeros(n), np.full(n, 100.0), np.zeros(n)], 1).astype(np.float32)
+    ids = np.where(np.arange(n) % 2 == 0, -1, 3)
+    out, out_ids = attenuate_lidar(pts, ids, "rain", rng)
+    near, far = out[:, 0] < 10, out[:, 0] > 10
+    assert near.sum() / (n / 2) == pytest.approx(np.exp(-2 * 0.004 * 5), abs=0.02)
+    assert far.sum() / (n / 2) == pytest.approx(np.exp(-2 * 0.004 * 60), abs=0.02)
+    assert out[near & (out_ids == 3), 3].mean() == pytest.approx(100 * np.exp(-0.04), rel=1e-4)
+    assert out[near & (out_ids == -1), 3].mean() == pytest.approx(50 * np.exp(-0.04), rel=1e-4)
+    assert attenuate_lidar(pts, ids, "night", rng)[0] is pts
+
+    # the mixed cycle: mini val (scenes 1 and 3) is one day and one night scene
+    assert [condition_of("mixed", i) for i in range(10)].count("night") == 2
+    assert (condition_of("mixed", 1), condition_of("mixed", 3)) == ("day", "night")
+    assert condition_of("rain", 7) == "rain"
+    with pytest.raises(UserError, match="conditions"):
+        SynthConfig(conditions="snow").validate()
+
+
+def test_mixed_conditions_drive_names_them_and_darkens_night_images(tmp_path):
+    from PIL import Image
+    cfg = SynthConfig(num_scenes=4, samples_per_scene=2, image_width=160, image_height=90, seed=5, workers=1,
+                      conditions="mixed")
+    write_drive(tmp_path / "m", cfg)
+    nusc = NuScenes(cfg.version, str(tmp_path / "m"), verbose=False)
+    desc = {s["name"]: s["description"] for s in nusc.scene}
+    assert desc["scene-0553"].startswith("Rain, ") and desc["scene-0916"].startswith("Night, ")
+    assert not desc["scene-0061"].startswith(("Rain", "Night"))
+    assert scenes_by_condition(nusc, list(desc)) == {"day": ["scene-0061", "scene-0103"], "rain": ["scene-0553"],
+                                                     "night": ["scene-0916"]}
+
+    def mean_brightness(scene_name: str) -> float:
+        scene = next(s for s in nusc.scene if s["name"] == scene_name)
+        sample = nusc.get("sample", scene["first_sample_token"])
+        return float(np.mean([np.asarray(Image.open(nusc.get_sample_data_path(sample["data"][ch]))).mean()
+                              for ch in CAMERA_CHANNELS]))
+    assert mean_brightness("scene-0916") < 0.3 * mean_brightness("scene-0103")

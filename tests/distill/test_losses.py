@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from imkd_deploy.config import BEVGrid, DistillConfig, tiny
+from imkd_deploy.config import BEVGrid, ConfigError, DistillConfig, tiny
 from imkd_deploy.distill.depth_target import IGNORE, depth_bin_targets
 from imkd_deploy.distill.losses import (IMKDCriterion, depth_loss, fused_distill_loss, gaussian_focal_loss,
                                         radar_distill_loss, regression_l1, response_distill_loss, weighted_feature_mse)
@@ -102,6 +102,34 @@ def test_level2_can_read_the_student_bev_encoder_output():
         at_encoder.fused_adapter.bias.zero_()
     assert at_encoder(student, batch, teacher)["fused_kd"] == 0      # reads "feature", not "fused"
     assert at_fused(student, batch, teacher)["fused_kd"] > 0
+
+
+def test_kd_channels_leaves_the_other_student_channels_free():
+    cfg = tiny().replace(radar_channels=8, fused_channels=12, lidar_channels=8, bev_encoder_channels=16)
+    crit = IMKDCriterion(cfg, DistillConfig(levels="radar+fused", kd_channels=0.5), "student")
+    assert crit.radar_adapter.in_channels == 4 and crit.fused_adapter.in_channels == 6
+    grid = cfg.grid
+    t = build_targets(np.array([[1.0, 2.0, 0.0, 2.0, 4.0, 1.5, 0.3, 1.0, 0.0]]), np.array([0]), grid, 10)
+    batch = {k: torch.from_numpy(getattr(t, k))[None] for k in ("heatmap", "index", "mask", "reg")}
+    batch["depth_target"] = torch.full((1, 6, 6, 16), IGNORE)
+    r = _maps(4)
+    teacher = {"lidar_bev": r(1, 8, grid.ny, grid.nx), "feature": r(1, 16, grid.ny, grid.nx),
+               "lidar_intensity": torch.rand(1, 1, grid.ny, grid.nx)}
+    student = {"heatmap": r(1, 10, grid.ny, grid.nx), "radar_bev": r(1, 8, grid.ny, grid.nx),
+               "fused": r(1, 12, grid.ny, grid.nx), "radar_occupancy": torch.ones(1, 1, grid.ny, grid.nx),
+               "depth_logits": r(1, 6, 28, 6, 16),
+               **{k: r(1, c, grid.ny, grid.nx) for k, c in (("offset", 2), ("height", 1), ("dims", 3), ("rot", 2), ("vel", 2))}}
+    base = crit(student, batch, teacher)
+    # the free half (channels 4.. / 6..) can hold anything: no distillation cost, no gradient
+    changed = dict(student, radar_bev=student["radar_bev"].clone(), fused=student["fused"].clone().requires_grad_())
+    changed["radar_bev"][:, 4:] += 5.0
+    terms = crit(changed, batch, teacher)
+    assert float(terms["radar_kd"]) == pytest.approx(float(base["radar_kd"]))
+    assert float(terms["fused_kd"]) == pytest.approx(float(base["fused_kd"])) and float(base["fused_kd"]) > 0
+    (grad,) = torch.autograd.grad(terms["fused_kd"], changed["fused"])
+    assert float(grad[:, 6:].abs().max()) == 0.0 and float(grad[:, :6].abs().max()) > 0.0
+    with pytest.raises(ConfigError, match="kd_channels"):
+        DistillConfig(kd_channels=0.0).validate()
 
 
 def test_ablation_levels_select_terms():

@@ -170,3 +170,35 @@ def test_loader_ground_truth_round_trips_through_the_submission_format(drive, gt
     assert m["mean_ap"] >= 0.99 and m["nd_score"] >= 0.97
     for err in ("trans_err", "scale_err", "orient_err", "vel_err"):
         assert m["tp_errors"][err] < 1e-3, (err, m["tp_errors"])
+
+
+def test_scoring_some_scenes_of_a_split(drive, tmp_path):
+    # scene-0553's boxes are 1 m off, scene-0061's exact: each scene scores on its own boxes only
+    from imkd_deploy.data.loader import open_nuscenes, scene_sample_tokens
+    train = gt_submission(drive, VERSION, "mini_train")
+    nusc = open_nuscenes(drive, VERSION)
+    shifted = set(scene_sample_tokens(nusc, next(s for s in nusc.scene if s["name"] == "scene-0553")))
+    for token in shifted:
+        for b in train["results"][token]:
+            b["translation"][0] += 1.0
+    path = _write(tmp_path / "train.json", train)
+    exact = evaluate_submission(path, drive, VERSION, "mini_train", scenes=["scene-0061"], out_dir=tmp_path / "a")
+    off = evaluate_submission(path, drive, VERSION, "mini_train", scenes=["scene-0553"], out_dir=tmp_path / "b")
+    assert exact["nd_score"] >= 0.99 and exact["tp_errors"]["trans_err"] < 1e-6
+    assert off["tp_errors"]["trans_err"] == pytest.approx(1.0, abs=1e-3)
+    assert off["num_samples"] == len(shifted) and off["scenes"] == ["scene-0553"]
+    with pytest.raises(UserError, match="scene-9999"):
+        evaluate_submission(path, drive, VERSION, "mini_train", scenes=["scene-9999"], out_dir=tmp_path / "c")
+
+
+def test_eval_cli_scores_one_condition_and_names_a_missing_one(drive, gt, tmp_path):
+    from typer.testing import CliRunner
+
+    from imkd_deploy.cli import app
+    path = _write(tmp_path / "gt.json", gt)
+    args = ["eval", "--dataroot", str(drive), "--version", VERSION, "--results", str(path), "--json"]
+    day = CliRunner().invoke(app, args + ["--condition", "day"])
+    assert day.exit_code == 0, day.output
+    assert json.loads(day.output)["nd_score"] >= 0.99 and (tmp_path / "gt_eval_day" / "metrics_summary.json").is_file()
+    night = CliRunner().invoke(app, args + ["--condition", "night"])
+    assert night.exit_code != 0 and "has no night scene" in night.output and "1 day" in night.output

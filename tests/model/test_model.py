@@ -50,6 +50,10 @@ def test_tiny_student_and_teacher_shapes():
     for name, c in HEADS.items():
         assert tout[name].shape == (1, c, ny, nx), name
     assert tout["lidar_bev"].shape == (1, cfg.lidar_channels, ny, nx)
+    # both returns lie on the road (z = 0): the all-returns I_L sees them, the structure-only one does not
+    assert float(tout["lidar_intensity"].max()) == pytest.approx(1.0)
+    assert float(teacher.forward_train(torch.from_numpy(lp), torch.from_numpy(lc), 1,
+                                       structure_intensity=True)["lidar_intensity"].max()) == 0.0
 
 
 @pytest.mark.slow
