@@ -7,8 +7,9 @@ each distillation level switched on or off, scored with the nuScenes metrics on 
         [--set fused_at=encoder ...]
         [--w-radar 0.5 --w-fused 0.5] [--name distill_ablation_w05]
 
-Without ``--dataroot`` the drive is written by our own writer (``imkd data synth``, seed 0)
-into ``WORKDIR/drive``; its v1.0-mini scene names put 8 scenes in mini_train and 2 in
+Without ``--dataroot`` the drive is written by our own writer (``imkd data synth``, writer
+seed ``--drive-seed``, default 0, whatever the student ``--seed``) into ``WORKDIR/drive``
+(``drive-mixed`` etc. with ``--conditions``, ``...-seedN`` for another writer seed); its v1.0-mini scene names put 8 scenes in mini_train and 2 in
 mini_val. Every student variant uses the same seed, steps, batch and teacher, so the only
 difference between rows is the distillation setting. ``--w-radar``/``--w-fused`` set the
 level-1/level-2 loss weights (DistillConfig.w_radar/w_fused) of every student that uses that
@@ -69,15 +70,17 @@ VARIANTS = {
 
 
 def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int, seed: int,
-                 conditions: str = "day") -> Path:
+                 conditions: str = "day", radar_clutter: str = "light") -> Path:
     if dataroot is not None:
         return dataroot
     from imkd_deploy.data.synth import SynthConfig, write_drive
 
-    drive = workdir / ("drive" if conditions == "day" else f"drive-{conditions}")
+    drive = workdir / ("drive" + ("" if conditions == "day" else f"-{conditions}")
+                       + ("" if radar_clutter == "light" else f"-{radar_clutter}") + (f"-seed{seed}" if seed else ""))
     if not (drive / VERSION).is_dir():
         print(f"writing a synthetic drive: {scenes} scenes x {samples} samples, {conditions} -> {drive}", flush=True)
-        write_drive(drive, SynthConfig(num_scenes=scenes, samples_per_scene=samples, seed=seed, conditions=conditions))
+        write_drive(drive, SynthConfig(num_scenes=scenes, samples_per_scene=samples, seed=seed, conditions=conditions,
+                                       radar_clutter=radar_clutter))
     return drive
 
 
@@ -243,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the synthetic drive and the runs go")
     p.add_argument("--scenes", type=int, default=10, help="synthetic scenes (>= 10 gives 8 train + 2 val)")
     p.add_argument("--samples", type=int, default=40, help="key frames per synthetic scene")
+    p.add_argument("--drive-seed", type=int, default=0, help="writer seed of the synthetic drive")
+    p.add_argument("--radar-clutter", default="light", choices=("light", "urban"),
+                   help="radar clutter of the synthetic drive (urban: fixed roadside reflectors, wide-angle azimuth error)")
     p.add_argument("--conditions", default="day", choices=("day", "rain", "night", "mixed"),
                    help="scene conditions of the synthetic drive (mixed: nuScenes-like rain and night share)")
     # The teacher trains 3x longer than a student: at 400 steps it is still far from converged
@@ -295,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     from imkd_deploy.data.loader import NuScenesDrive
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    drive = ensure_drive(args.dataroot, args.workdir, args.scenes, args.samples, args.seed, args.conditions)
+    drive = ensure_drive(args.dataroot, args.workdir, args.scenes, args.samples, args.drive_seed, args.conditions,
+                         args.radar_clutter)
     # Decode every frame once (JPEGs, sweeps) and share it between the six runs.
     t0 = time.perf_counter()
     train_drive = NuScenesDrive(drive, VERSION, tiny(), split=SPLIT_TRAIN, load_lidar=True)
@@ -318,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "batch_size": args.batch_size,
             "seed": args.seed, "teacher_seed": teacher_seed, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "name": args.name, "w_radar": args.w_radar, "w_fused": args.w_fused,
-            "settings": settings, "conditions": drive_conditions(drive)}
+            "settings": settings, "conditions": drive_conditions(drive),
+            "drive_seed": None if args.dataroot is not None else args.drive_seed}
     table = markdown_table(records, meta)
     atomic_write_text(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": records}, indent=2))
     atomic_write_text(args.out / f"{args.name}.md", table)

@@ -70,9 +70,9 @@ def summarise(files: list[Path]) -> str:
         f"students {first['student_steps']} steps, batch {first['batch_size']}, student seeds {seeds}.",
         "Files: " + ", ".join(f"`{f.name}`" for f in files) + ".",
         "",
-        "| Model | Distillation | NDS per seed | NDS mean ± sd | mAP mean ± sd | ΔNDS vs plain (paired) | ΔmAP vs plain (paired) |"
+        "| Model | Distillation | NDS per seed | NDS mean ± sd | mAP mean ± sd | ΔNDS vs plain (paired) | ΔmAP vs plain (paired) | mATE / mAVE mean |"
         + "".join(f" NDS {c}: mean, Δ paired |" for c in conditions),
-        "|---|---|---|---|---|---|---|" + "---|" * len(conditions),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(conditions),
     ]
     base = rows.get("none", {})
     for name, by_seed in rows.items():
@@ -84,6 +84,9 @@ def summarise(files: list[Path]) -> str:
         else:
             d_nds = _delta([by_seed[s]["nds"] - base[s]["nds"] for s in paired])
             d_map = _delta([by_seed[s]["map"] - base[s]["map"] for s in paired])
+        def tp(key: str) -> float:
+            return statistics.mean(r["tp_errors"][key] for r in ordered)
+
         cells = ""
         for c in conditions:
             have = [s for s in seeds if c in by_seed.get(s, {}).get("by_condition", {})]
@@ -93,7 +96,7 @@ def summarise(files: list[Path]) -> str:
                 [by_seed[s]["by_condition"][c]["nds"] - base[s]["by_condition"][c]["nds"] for s in pairs])
             cells += f" {mean_c:.3f}{delta_c} |" if mean_c is not None else " — |"
         lines.append(f"| {name} | {ordered[0]['note']} | {' / '.join(f'{v:.3f}' for v in nds)} | {_mean_sd(nds)} | "
-                     f"{_mean_sd(mean_ap)} | {d_nds} | {d_map} |{cells}")
+                     f"{_mean_sd(mean_ap)} | {d_nds} | {d_map} | {tp('trans_err'):.3f} / {tp('vel_err'):.3f} |{cells}")
     lines += ["", "Δ in points (x100): mean ± sd over seeds of (variant − plain student) at the same seed, "
               "then the per-seed values. The teacher row repeats when every seed shares one teacher.", ""]
     return "\n".join(lines)

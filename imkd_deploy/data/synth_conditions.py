@@ -22,7 +22,7 @@ import numpy as np
 # nuScenes' shares, and the 2 val scenes one day and one night scene, so val scores both.
 MIXED_CYCLE = ("day", "day", "rain", "night", "day", "day", "night", "rain", "day", "day")
 
-NIGHT_GAIN, NIGHT_NOISE, NIGHT_BLUR = 0.14, 7.0, 1.0           # signal kept, noise sigma (0..255), blur sigma (px at 800 wide)
+NIGHT_GAIN, NIGHT_NOISE, NIGHT_BLUR = 0.06, 8.0, 1.0           # signal kept, noise sigma (0..255), blur sigma (px at 800 wide)
 NIGHT_SKY = np.array([8.0, 10.0, 16.0], np.float32)            # before the gain's noise: an unlit sky
 RAIN_VEIL, RAIN_GREY, RAIN_GAIN, RAIN_BLUR, RAIN_NOISE = 0.35, 150.0, 0.85, 1.4, 2.5
 RAIN_EXTINCTION = 0.004                                         # 1/m, LiDAR (905 nm) in moderate rain

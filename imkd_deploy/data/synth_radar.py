@@ -8,6 +8,11 @@ What makes radar differ from LiDAR, and what the simulation keeps:
 - clutter from the static world and multipath ghosts behind real targets, some flagged
   invalid/ambiguous so the devkit's default filters have something to remove;
 - z = 0 in the sensor frame, as real nuScenes radar (no elevation measurement).
+
+``SynthConfig.radar_clutter="urban"`` adds what makes real radar hard to use alone: fixed
+roadside reflectors (poles, signs, guard rails, kerbs, building corners) that return sweep
+after sweep at the same place with car-like RCS, and the ARS408's azimuth accuracy, which
+degrades from 0.3 deg on boresight to 1 deg at 45 deg and 5 deg at 60 deg.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ _LAMBDA = np.array([RADAR_PROFILE[c][0] for c in CLASS_NAMES])
 _RCS_MEAN = np.array([RADAR_PROFILE[c][1] for c in CLASS_NAMES])
 _RCS_STD = np.array([RADAR_PROFILE[c][2] for c in CLASS_NAMES])
 CLUTTER_PER_SWEEP = 9.0
+# Urban clutter: fixed reflectors per 100 m of road and side, their offset from the road
+# centre (m), RCS (dBsm mean, std: poles and signs overlap cars), and the chance one returns in a sweep.
+REFLECTORS_PER_100M, REFLECTOR_LATERAL, REFLECTOR_RCS, REFLECTOR_DETECTION = 20.0, (6.2, 16.0), (6.0, 5.0), 0.6
+# ARS408 near-range azimuth accuracy (datasheet): |azimuth| -> 1-sigma error
+_AZ_KNOTS, _AZ_SIGMA = np.deg2rad([0.0, 45.0, 60.0]), np.deg2rad([0.3, 1.0, 5.0])
 GHOST_PROB = 0.12
 
 # The 18 nuScenes radar fields, in file order.
@@ -88,12 +98,25 @@ def _surface_points(boxes: np.ndarray, n: np.ndarray, rng: np.random.Generator) 
     return np.stack([ux * t_in, uy * t_in], 1), box
 
 
+def make_reflectors(road, s_span: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """(K, 3) global x, y and RCS (dBsm) of a scene's fixed roadside reflectors (urban clutter)."""
+    length = max(s_span[1] - s_span[0], 1.0)
+    n = int(rng.poisson(2 * REFLECTORS_PER_100M * length / 100.0))
+    s = rng.uniform(s_span[0], s_span[1], n)
+    lateral = rng.choice([-1.0, 1.0], n) * rng.uniform(*REFLECTOR_LATERAL, n)
+    x, y, _ = road.at(s, lateral)
+    return np.stack([x, y, rng.normal(REFLECTOR_RCS[0], REFLECTOR_RCS[1], n)], 1)
+
+
 def simulate_radar(boxes: np.ndarray, cls: np.ndarray, static: np.ndarray,
-                   sensor_vel: np.ndarray, rng: np.random.Generator) -> RadarSweep:
+                   sensor_vel: np.ndarray, rng: np.random.Generator,
+                   reflectors: np.ndarray | None = None) -> RadarSweep:
     """One sweep. boxes: (N, 9) in the sensor frame incl. velocity (vx, vy) in that frame.
 
     ``sensor_vel`` is the sensor's own velocity (2,) in its frame (ego motion + yaw rate);
     ``static`` marks objects that do not move (their Doppler is pure ego motion).
+    ``reflectors``: (K, 3) x, y, RCS of the fixed roadside reflectors in the sensor frame
+    (urban clutter); with them, azimuth noise also grows toward the edge of the field of view.
     """
     vis = _in_fov(boxes[:, 0], boxes[:, 1])
     d = np.hypot(boxes[:, 0], boxes[:, 1])
@@ -106,21 +129,30 @@ def simulate_radar(boxes: np.ndarray, cls: np.ndarray, static: np.ndarray,
     az = rng.uniform(-FOV_HALF, FOV_HALF, n_cl)
     r = rng.uniform(3.0, NEAR_RANGE, n_cl)
     cl_xy = np.stack([r * np.cos(az), r * np.sin(az)], 1)
+    urban = reflectors is not None
 
     # Measurement noise in range and azimuth.
     def noisy(p: np.ndarray) -> np.ndarray:
         rr = np.hypot(p[:, 0], p[:, 1]) + rng.normal(0, RANGE_SIGMA, len(p))
-        aa = np.arctan2(p[:, 1], p[:, 0]) + rng.normal(0, AZIMUTH_SIGMA, len(p))
+        a = np.arctan2(p[:, 1], p[:, 0])
+        sigma = np.interp(np.abs(a), _AZ_KNOTS, _AZ_SIGMA) if urban else AZIMUTH_SIGMA
+        aa = a + rng.normal(0, 1, len(p)) * sigma if urban else a + rng.normal(0, sigma, len(p))
         return np.stack([rr * np.cos(aa), rr * np.sin(aa)], 1)
 
     obj_xy = noisy(xy)
+    ref_rcs = np.zeros(0)
+    if urban:
+        seen = _in_fov(reflectors[:, 0], reflectors[:, 1]) & (rng.random(len(reflectors)) < REFLECTOR_DETECTION)
+        cl_xy = np.concatenate([cl_xy, noisy(reflectors[seen, :2])])
+        ref_rcs = reflectors[seen, 2] + rng.normal(0, 2.0, int(seen.sum()))     # aspect flicker
+    n_ref = len(ref_rcs)
     obj_v = boxes[box][:, 7:9]
     # Ghosts: multipath echoes of real returns, same azimuth, 1.3-2x the range, same Doppler.
     ghost = rng.random(len(obj_xy)) < GHOST_PROB
     gh_xy = obj_xy[ghost] * rng.uniform(1.3, 2.0, (int(ghost.sum()), 1))
     xy_all = np.concatenate([obj_xy, gh_xy, cl_xy])
-    v_all = np.concatenate([obj_v, obj_v[ghost], np.zeros((n_cl, 2))])
-    ids = np.concatenate([box, np.full(len(gh_xy) + n_cl, -1)])
+    v_all = np.concatenate([obj_v, obj_v[ghost], np.zeros((n_cl + n_ref, 2))])
+    ids = np.concatenate([box, np.full(len(gh_xy) + n_cl + n_ref, -1)])
     m = len(xy_all)
 
     u = xy_all / np.maximum(np.hypot(xy_all[:, 0], xy_all[:, 1]), 1e-6)[:, None]
@@ -132,18 +164,19 @@ def simulate_radar(boxes: np.ndarray, cls: np.ndarray, static: np.ndarray,
     pts["id"] = np.arange(m)
     rcs_obj = _RCS_MEAN[cls[box]] + rng.normal(0, 1, len(box)) * _RCS_STD[cls[box]]
     pts["rcs"] = np.round(np.concatenate([rcs_obj, rcs_obj[ghost] - rng.uniform(6, 12, len(gh_xy)),
-                                          rng.normal(-3.0, 5.0, n_cl)]) * 2) / 2      # 0.5 dBsm steps
+                                          rng.normal(-3.0, 5.0, n_cl), ref_rcs]) * 2) / 2      # 0.5 dBsm steps
     pts["vx"], pts["vy"] = vr * u[:, 0], vr * u[:, 1]
     pts["vx_comp"], pts["vy_comp"] = vr_comp * u[:, 0], vr_comp * u[:, 1]
     # dyn_prop: 0 moving, 1 stationary, 2 oncoming, 3 stationary candidate.
-    is_static = np.concatenate([static[box], np.zeros(len(gh_xy), bool), np.ones(n_cl, bool)])
+    is_static = np.concatenate([static[box], np.zeros(len(gh_xy), bool), np.ones(n_cl + n_ref, bool)])
     dyn = np.where(vr_comp < -0.5, 2, 0)
     dyn = np.where(is_static, np.where(rng.random(m) < 0.8, 1, 3), dyn)
     pts["dyn_prop"] = dyn
     pts["is_quality_valid"] = 1
     # Valid returns are unambiguous (3); a share of clutter and ghosts is flagged invalid or
     # ambiguous, as the sensor does, and the devkit's default filters drop those.
-    flagged = np.concatenate([rng.random(len(box)) < 0.02, rng.random(len(gh_xy)) < 0.5, rng.random(n_cl) < 0.3])
+    flagged = np.concatenate([rng.random(len(box)) < 0.02, rng.random(len(gh_xy)) < 0.5, rng.random(n_cl) < 0.3,
+                              rng.random(n_ref) < 0.05])
     kind = rng.integers(0, 3, m)
     pts["invalid_state"] = np.where(flagged & (kind == 0), rng.choice([1, 2, 6, 14], m), 0)
     pts["ambig_state"] = np.where(flagged & (kind == 1), 1, np.where(flagged & (kind == 2), 4, 3))
