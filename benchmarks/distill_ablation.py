@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from imkd_deploy.atomic import atomic_write_text
-from imkd_deploy.config import ConfigError, DistillConfig, RunConfig, TrainConfig, tiny
+from imkd_deploy.config import SCENE_CONDITIONS, ConfigError, DistillConfig, RunConfig, TrainConfig, tiny
 
 SPLIT_TRAIN, SPLIT_VAL, VERSION = "mini_train", "mini_val", "v1.0-mini"
 TEACHER_STEPS = 1200
@@ -213,7 +213,7 @@ def markdown_table(records: list[dict], meta: dict) -> str:
                   for split, count in meta.get("conditions", {}).items()),
         "",
     ]
-    conditions = [c for c in ("day", "rain", "night") if any(c in r.get("by_condition", {}) for r in records)]
+    conditions = [c for c in SCENE_CONDITIONS if any(c in r.get("by_condition", {}) for r in records)]
     cond_head = "".join(f" NDS / mAP {c} |" for c in conditions)
     lines += [
         f"| Model | Distillation | KD weights | NDS | mAP | ΔNDS vs plain student |{cond_head} mATE | mASE | mAOE | mAVE | mAAE |",
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drive-seed", type=int, default=0, help="writer seed of the synthetic drive")
     p.add_argument("--radar-clutter", default="light", choices=("light", "urban"),
                    help="radar clutter of the synthetic drive (urban: fixed roadside reflectors, wide-angle azimuth error)")
-    p.add_argument("--conditions", default="day", choices=("day", "rain", "night", "mixed"),
+    p.add_argument("--conditions", default="day", choices=(*SCENE_CONDITIONS, "mixed"),
                    help="scene conditions of the synthetic drive (mixed: nuScenes-like rain and night share)")
     # The teacher trains 3x longer than a student: at 400 steps it is still far from converged
     # (val NDS 0.395 vs 0.493 at 1200), and a weak teacher has little to pass on.

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from imkd_deploy.atomic import atomic_write_text
+from imkd_deploy.config import SCENE_CONDITIONS
 
 SAME = ("drive", "teacher_steps", "student_steps", "batch_size", "val_samples")
 
@@ -60,7 +61,7 @@ def summarise(files: list[Path]) -> str:
     for r in runs:
         for row in r["rows"]:
             rows.setdefault(_label(row, r["meta"]), {})[r["meta"]["seed"]] = row
-    conditions = [c for c in ("day", "rain", "night")
+    conditions = [c for c in SCENE_CONDITIONS
                   if any(c in row.get("by_condition", {}) for by_seed in rows.values() for row in by_seed.values())]
     lines = [
         "# IMKD ablation over student seeds",
