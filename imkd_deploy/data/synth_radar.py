@@ -135,8 +135,10 @@ def simulate_radar(boxes: np.ndarray, cls: np.ndarray, static: np.ndarray,
     def noisy(p: np.ndarray) -> np.ndarray:
         rr = np.hypot(p[:, 0], p[:, 1]) + rng.normal(0, RANGE_SIGMA, len(p))
         a = np.arctan2(p[:, 1], p[:, 0])
-        sigma = np.interp(np.abs(a), _AZ_KNOTS, _AZ_SIGMA) if urban else AZIMUTH_SIGMA
-        aa = a + rng.normal(0, 1, len(p)) * sigma if urban else a + rng.normal(0, sigma, len(p))
+        if urban:
+            aa = a + rng.normal(0, 1, len(p)) * np.interp(np.abs(a), _AZ_KNOTS, _AZ_SIGMA)
+        else:   # the light drive's draws, unchanged
+            aa = a + rng.normal(0, AZIMUTH_SIGMA, len(p))
         return np.stack([rr * np.cos(aa), rr * np.sin(aa)], 1)
 
     obj_xy = noisy(xy)

@@ -21,6 +21,21 @@ def _maps(seed: int):
     return lambda *shape: torch.randn(*shape, generator=g)
 
 
+def _one_box_batch(grid: BEVGrid) -> dict:
+    """Detection targets of one car, and a depth target with every cell ignored."""
+    t = build_targets(np.array([[1.0, 2.0, 0.0, 2.0, 4.0, 1.5, 0.3, 1.0, 0.0]]), np.array([0]), grid, 10)
+    batch = {k: torch.from_numpy(getattr(t, k))[None] for k in ("heatmap", "index", "mask", "reg")}
+    batch["depth_target"] = torch.full((1, 6, 6, 16), IGNORE)
+    return batch
+
+
+def _student_out(r, grid: BEVGrid, **maps) -> dict:
+    """A student's head outputs and depth logits drawn from ``r``; ``maps`` adds or replaces entries."""
+    heads = {k: r(1, c, grid.ny, grid.nx)
+             for k, c in (("heatmap", 10), ("offset", 2), ("height", 1), ("dims", 3), ("rot", 2), ("vel", 2))}
+    return {**heads, "depth_logits": r(1, 6, 28, 6, 16), **maps}
+
+
 def test_distillation_losses_nonnegative_and_zero_at_equality():
     r = _maps(0)
     student, teacher = r(B, 8, NY, NX), r(B, 8, NY, NX)
@@ -55,13 +70,10 @@ def test_criterion_distillation_terms_vanish_when_adapted_student_equals_teacher
     r = _maps(1)
     grid = cfg.grid
     feats = {"lidar_bev": r(1, 8, grid.ny, grid.nx), "feature": r(1, 12, grid.ny, grid.nx), "heatmap": r(1, 10, grid.ny, grid.nx)}
-    t = build_targets(np.array([[1.0, 2.0, 0.0, 2.0, 4.0, 1.5, 0.3, 1.0, 0.0]]), np.array([0]), grid, 10)
-    batch = {k: torch.from_numpy(getattr(t, k))[None] for k in ("heatmap", "index", "mask", "reg")}
-    batch["depth_target"] = torch.full((1, 6, 6, 16), IGNORE)
+    batch = _one_box_batch(grid)
     teacher = dict(feats, lidar_intensity=torch.rand(1, 1, grid.ny, grid.nx))
-    student = {"heatmap": feats["heatmap"], "radar_bev": feats["lidar_bev"], "fused": feats["feature"],
-               "radar_occupancy": torch.zeros(1, 1, grid.ny, grid.nx), "depth_logits": r(1, 6, 28, 6, 16),
-               **{k: r(1, c, grid.ny, grid.nx) for k, c in (("offset", 2), ("height", 1), ("dims", 3), ("rot", 2), ("vel", 2))}}
+    student = _student_out(r, grid, heatmap=feats["heatmap"], radar_bev=feats["lidar_bev"], fused=feats["feature"],
+                           radar_occupancy=torch.zeros(1, 1, grid.ny, grid.nx))
     terms = crit(student, batch, teacher)
     assert terms["radar_kd"] == 0 and terms["fused_kd"] == 0 and terms["resp_kd"] == 0
     assert terms["depth"] == 0          # every depth cell ignored
@@ -89,14 +101,10 @@ def test_level2_can_read_the_student_bev_encoder_output():
     at_encoder = IMKDCriterion(cfg, DistillConfig(levels="fused", fused_at="encoder"), "student")
     assert at_fused.fused_adapter.in_channels == 12 and at_encoder.fused_adapter.in_channels == 16
     grid = cfg.grid
-    t = build_targets(np.array([[1.0, 2.0, 0.0, 2.0, 4.0, 1.5, 0.3, 1.0, 0.0]]), np.array([0]), grid, 10)
-    batch = {k: torch.from_numpy(getattr(t, k))[None] for k in ("heatmap", "index", "mask", "reg")}
-    batch["depth_target"] = torch.full((1, 6, 6, 16), IGNORE)
+    batch = _one_box_batch(grid)
     r = _maps(3)
     teacher = {"feature": r(1, 16, grid.ny, grid.nx)}
-    student = {"heatmap": r(1, 10, grid.ny, grid.nx), "fused": r(1, 12, grid.ny, grid.nx), "feature": teacher["feature"],
-               "depth_logits": r(1, 6, 28, 6, 16),
-               **{k: r(1, c, grid.ny, grid.nx) for k, c in (("offset", 2), ("height", 1), ("dims", 3), ("rot", 2), ("vel", 2))}}
+    student = _student_out(r, grid, fused=r(1, 12, grid.ny, grid.nx), feature=teacher["feature"])
     with torch.no_grad():
         at_encoder.fused_adapter.weight.copy_(torch.eye(16)[:, :, None, None])
         at_encoder.fused_adapter.bias.zero_()
@@ -109,16 +117,12 @@ def test_kd_channels_leaves_the_other_student_channels_free():
     crit = IMKDCriterion(cfg, DistillConfig(levels="radar+fused", kd_channels=0.5), "student")
     assert crit.radar_adapter.in_channels == 4 and crit.fused_adapter.in_channels == 6
     grid = cfg.grid
-    t = build_targets(np.array([[1.0, 2.0, 0.0, 2.0, 4.0, 1.5, 0.3, 1.0, 0.0]]), np.array([0]), grid, 10)
-    batch = {k: torch.from_numpy(getattr(t, k))[None] for k in ("heatmap", "index", "mask", "reg")}
-    batch["depth_target"] = torch.full((1, 6, 6, 16), IGNORE)
+    batch = _one_box_batch(grid)
     r = _maps(4)
     teacher = {"lidar_bev": r(1, 8, grid.ny, grid.nx), "feature": r(1, 16, grid.ny, grid.nx),
                "lidar_intensity": torch.rand(1, 1, grid.ny, grid.nx)}
-    student = {"heatmap": r(1, 10, grid.ny, grid.nx), "radar_bev": r(1, 8, grid.ny, grid.nx),
-               "fused": r(1, 12, grid.ny, grid.nx), "radar_occupancy": torch.ones(1, 1, grid.ny, grid.nx),
-               "depth_logits": r(1, 6, 28, 6, 16),
-               **{k: r(1, c, grid.ny, grid.nx) for k, c in (("offset", 2), ("height", 1), ("dims", 3), ("rot", 2), ("vel", 2))}}
+    student = _student_out(r, grid, radar_bev=r(1, 8, grid.ny, grid.nx), fused=r(1, 12, grid.ny, grid.nx),
+                           radar_occupancy=torch.ones(1, 1, grid.ny, grid.nx))
     base = crit(student, batch, teacher)
     # the free half (channels 4.. / 6..) can hold anything: no distillation cost, no gradient
     changed = dict(student, radar_bev=student["radar_bev"].clone(), fused=student["fused"].clone().requires_grad_())
