@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="+", type=Path, help="distill_ablation.py result JSON files")
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
     args = p.parse_args(argv)
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        p.error(f"no such result file: {', '.join(missing)} (distill_ablation.py writes OUT/NAME.json when a run ends)")
     table = summarise(args.files)
     if args.out is not None:
         atomic_write_text(args.out, table)

@@ -159,8 +159,9 @@ class ModelConfig(_Serializable):
     # radar branch
     radar_sweeps: int = 3
     radar_channels: int = 32
-    # lidar teacher branch
-    lidar_sweeps: int = 3
+    # lidar teacher branch: 5 sweeps of the writer's 10 Hz LiDAR span 0.4 s, about
+    # nuscenes_r50's 10 sweeps at 20 Hz; a shorter window leaves the teacher blind to motion
+    lidar_sweeps: int = 5
     lidar_channels: int = 32
     # fused BEV, encoder and head
     fused_channels: int = 64
@@ -214,6 +215,7 @@ class DistillConfig(_Serializable):
     lidar_weight: str = "intensity"  # level-1 I_L: "intensity" (all returns) | "structure" (above-ground only)
     feature_norm: bool = False   # standardise each channel (per sample, over BEV) before the feature MSE
     kd_channels: float = 1.0     # share of the student's channels the level-1/2 adapters read; the rest stay free
+    adapter: str = "linear"      # level-1/2 adapters: "linear" (1x1 conv) | "conv" (3x3 conv-BN-ReLU, then 1x1)
 
     def enabled(self, level: str) -> bool:
         parts = set(self.levels.split("+"))
@@ -230,6 +232,8 @@ class DistillConfig(_Serializable):
             raise ConfigError(f"DistillConfig.fused_at: '{self.fused_at}' (fused|encoder)")
         if self.lidar_weight not in ("intensity", "structure"):
             raise ConfigError(f"DistillConfig.lidar_weight: '{self.lidar_weight}' (intensity|structure)")
+        if self.adapter not in ("linear", "conv"):
+            raise ConfigError(f"DistillConfig.adapter: '{self.adapter}' (linear|conv)")
         if not 0.0 < self.kd_channels <= 1.0:
             raise ConfigError(f"DistillConfig.kd_channels: {self.kd_channels} (a share in (0, 1])")
 

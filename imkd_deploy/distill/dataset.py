@@ -40,7 +40,9 @@ def training_sample(frame: Frame, cfg: ModelConfig, role: str, cache: GeometryCa
               "lidar": pillarise(frame.lidar_points, cfg.grid, LIDAR_SPEC)}
     if role == "student":
         sample.update(network_inputs(frame, cfg, cache))
-        sample["depth_target"] = depth_bin_targets(frame.lidar_points[:, :3], frame.intrinsics, frame.cam2ego, cfg)
+        # The images are exposed at the key time: older sweeps put a moving object where it was.
+        key = frame.lidar_points[frame.lidar_points[:, 4] == 0.0, :3]
+        sample["depth_target"] = depth_bin_targets(key, frame.intrinsics, frame.cam2ego, cfg)
     return sample
 
 

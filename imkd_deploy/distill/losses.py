@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from imkd_deploy.config import DistillConfig, ModelConfig
 from imkd_deploy.distill.depth_target import IGNORE
+from imkd_deploy.model.backbone import conv_bn_relu
 from imkd_deploy.model.head import HEAD_OUTPUTS
 
 # CenterPoint's nuScenes regression weights: velocity is noisier, so it counts less.
@@ -118,6 +119,15 @@ def response_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Te
     return kl.mean()
 
 
+def make_adapter(c_in: int, c_out: int, kind: str) -> nn.Module:
+    """Student channels -> teacher channels. "conv" gives the adapter a 3x3 receptive field and
+    a non-linearity, so it can absorb part of the radar/camera-to-LiDAR gap that a 1x1 map
+    leaves for the student's own layers to close."""
+    if kind == "linear":
+        return nn.Conv2d(c_in, c_out, 1)
+    return nn.Sequential(conv_bn_relu(c_in, c_out, 3), nn.Conv2d(c_out, c_out, 1))
+
+
 class IMKDCriterion(nn.Module):
     """All training losses of one role, with the distillation adapters (trained, not exported).
 
@@ -136,11 +146,12 @@ class IMKDCriterion(nn.Module):
         # teacher lacks (radar Doppler: the LiDAR teacher's velocity is worse than the student's)
         # without being pulled toward the teacher's features.
         self.radar_in = max(1, round(cfg.radar_channels * distill.kd_channels))
-        self.radar_adapter = nn.Conv2d(self.radar_in, teacher_cfg.lidar_channels, 1) if self.use_radar else None
+        self.radar_adapter = make_adapter(self.radar_in, teacher_cfg.lidar_channels, distill.adapter) if self.use_radar else None
         self.fused_key = "feature" if distill.fused_at == "encoder" else "fused"
         self.fused_in = max(1, round((cfg.bev_encoder_channels if distill.fused_at == "encoder" else cfg.fused_channels)
                                      * distill.kd_channels))
-        self.fused_adapter = nn.Conv2d(self.fused_in, teacher_cfg.bev_encoder_channels, 1) if self.use_fused else None
+        self.fused_adapter = (make_adapter(self.fused_in, teacher_cfg.bev_encoder_channels, distill.adapter)
+                              if self.use_fused else None)
 
     @property
     def needs_teacher(self) -> bool:

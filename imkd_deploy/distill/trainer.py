@@ -117,6 +117,11 @@ def _load_teacher(path: Path | None, student_cfg: ModelConfig, device) -> tuple[
     if tcfg.grid.to_dict() != student_cfg.grid.to_dict():
         raise UserError(f"teacher {path} uses BEV grid {tcfg.grid.to_dict()}, the student {student_cfg.grid.to_dict()}: "
                         "distillation compares BEV cells, so they must be equal")
+    if tcfg.lidar_sweeps != student_cfg.lidar_sweeps:
+        # the student run pillarises the LiDAR it feeds the teacher with its own config
+        raise UserError(f"teacher {path} was trained on {tcfg.lidar_sweeps} LiDAR sweeps, the student config loads "
+                        f"{student_cfg.lidar_sweeps}: pass --config with a ModelConfig/RunConfig JSON whose lidar_sweeps is "
+                        f"{tcfg.lidar_sweeps}, or retrain the teacher with the student's config")
     teacher.requires_grad_(False)   # frozen: eval mode (from load_model) and no gradients
     return teacher, tcfg
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
+from fake_frames import fake_frames
 from imkd_deploy.config import BEVGrid, ConfigError, DistillConfig, tiny
+from imkd_deploy.distill.dataset import training_sample
 from imkd_deploy.distill.depth_target import IGNORE, depth_bin_targets
 from imkd_deploy.distill.losses import (IMKDCriterion, depth_loss, fused_distill_loss, gaussian_focal_loss,
                                         radar_distill_loss, regression_l1, response_distill_loss, weighted_feature_mse)
@@ -128,12 +132,28 @@ def test_kd_channels_leaves_the_other_student_channels_free():
     changed = dict(student, radar_bev=student["radar_bev"].clone(), fused=student["fused"].clone().requires_grad_())
     changed["radar_bev"][:, 4:] += 5.0
     terms = crit(changed, batch, teacher)
-    assert float(terms["radar_kd"]) == pytest.approx(float(base["radar_kd"]))
-    assert float(terms["fused_kd"]) == pytest.approx(float(base["fused_kd"])) and float(base["fused_kd"]) > 0
+    assert terms["radar_kd"].item() == pytest.approx(base["radar_kd"].item())
+    assert terms["fused_kd"].item() == pytest.approx(base["fused_kd"].item()) and base["fused_kd"].item() > 0
     (grad,) = torch.autograd.grad(terms["fused_kd"], changed["fused"])
     assert float(grad[:, 6:].abs().max()) == 0.0 and float(grad[:, :6].abs().max()) > 0.0
     with pytest.raises(ConfigError, match="kd_channels"):
         DistillConfig(kd_channels=0.0).validate()
+
+
+def test_conv_adapters_reach_the_neighbouring_cells():
+    torch.manual_seed(0)
+    cfg = tiny().replace(radar_channels=8, fused_channels=12, lidar_channels=8, bev_encoder_channels=16)
+    x = _maps(5)(1, 12, 8, 8)
+    bumped = x.clone()
+    bumped[..., 4, 4] += 3.0
+    for kind, reach in (("linear", False), ("conv", True)):
+        crit = IMKDCriterion(cfg, DistillConfig(levels="radar+fused", adapter=kind), "student").eval()
+        with torch.no_grad():
+            diff = (crit.fused_adapter(bumped) - crit.fused_adapter(x)).abs().amax(1)[0]
+        assert float(diff[4, 4]) > 0 and float(diff[4, 6]) == 0
+        assert (float(diff[4, 5]) > 0) == reach, kind
+    with pytest.raises(ConfigError, match="adapter"):
+        DistillConfig(adapter="mlp").validate()
 
 
 def test_ablation_levels_select_terms():
@@ -179,3 +199,17 @@ def test_depth_targets_nearest_point_and_bins():
     logits[0, 0, target[0, row, col], row, col] = 20.0
     assert depth_loss(logits, torch.from_numpy(target)[None]) < 1e-6
     assert depth_loss(torch.zeros_like(logits), torch.from_numpy(target)[None]) == pytest.approx(np.log(cfg.num_depth_bins), rel=1e-5)
+
+
+def test_depth_targets_come_from_the_key_sweep_only():
+    """The images are exposed at the key time: a return from an older sweep (dt > 0), here a
+    moving car 10 m nearer than it is now, must not set the depth target."""
+    cfg = tiny()
+    frame = fake_frames(cfg, 1)[0]
+    mount = frame.cam2ego[0, :3, 3]
+    key = np.array([[*(mount + [20.0, 0, 0]), 100.0, 0.0]], np.float32)
+    older = np.array([[*(mount + [10.0, 0, 0]), 100.0, 0.3]], np.float32)
+    mixed = training_sample(replace(frame, lidar_points=np.concatenate([key, older])), cfg, "student")["depth_target"]
+    lo, _, step = cfg.depth_bins
+    assert (mixed != IGNORE).sum() == 1
+    assert mixed[mixed != IGNORE][0] == int((20.0 - lo) // step)

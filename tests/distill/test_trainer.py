@@ -112,6 +112,13 @@ def test_student_distillation_without_teacher_is_a_user_error(tmp_path, frames):
         fit(run_cfg("radar"), None, tmp_path, None, frames=frames, progress=False)
 
 
+def test_teacher_trained_on_other_lidar_sweeps_is_a_user_error(tmp_path, frames, teacher_ckpt):
+    rc = run_cfg("fused")
+    rc = rc.replace(model=rc.model.replace(lidar_sweeps=rc.model.lidar_sweeps + 1).to_dict())
+    with pytest.raises(UserError, match=rf"trained on {rc.model.lidar_sweeps - 1} LiDAR sweeps"):
+        fit(rc, None, tmp_path, teacher_ckpt, frames=frames, progress=False)
+
+
 def _ddp_worker(rank: int, world: int, port: int, out: str, teacher: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
