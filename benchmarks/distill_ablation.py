@@ -43,6 +43,7 @@ import torch
 
 from imkd_deploy.atomic import atomic_write_text
 from imkd_deploy.config import SCENE_CONDITIONS, ConfigError, DistillConfig, RunConfig, TrainConfig, tiny
+from imkd_deploy.data.synth_radar import RADAR_CLUTTER
 
 SPLIT_TRAIN, SPLIT_VAL, VERSION = "mini_train", "mini_val", "v1.0-mini"
 TEACHER_STEPS = 1200
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=10, help="synthetic scenes (>= 10 gives 8 train + 2 val)")
     p.add_argument("--samples", type=int, default=40, help="key frames per synthetic scene")
     p.add_argument("--drive-seed", type=int, default=0, help="writer seed of the synthetic drive")
-    p.add_argument("--radar-clutter", default="light", choices=("light", "urban"),
+    p.add_argument("--radar-clutter", default="light", choices=RADAR_CLUTTER,
                    help="radar clutter of the synthetic drive (urban: fixed roadside reflectors, wide-angle azimuth error)")
     p.add_argument("--conditions", default="day", choices=(*SCENE_CONDITIONS, "mixed"),
                    help="scene conditions of the synthetic drive (mixed: nuScenes-like rain and night share)")

@@ -41,7 +41,7 @@ from imkd_deploy.data.synth_camera import CameraView, make_view, render_camera
 from imkd_deploy.data.synth_conditions import attenuate_lidar, condition_of, degrade_image
 from imkd_deploy.data.synth_ground import LABEL_INTENSITY, GroundMap, rasterise_road
 from imkd_deploy.data.synth_lidar import cast_lidar
-from imkd_deploy.data.synth_radar import make_reflectors, simulate_radar
+from imkd_deploy.data.synth_radar import RADAR_CLUTTER, make_reflectors, simulate_radar
 from imkd_deploy.data.synth_rig import Sensor, build_rig, matrix_quaternion, yaw_quaternion
 from imkd_deploy.data.synth_world import ATTRIBUTES, CATEGORY, World, make_world
 from imkd_deploy.errors import UserError
@@ -84,8 +84,8 @@ class SynthConfig:
             raise UserError("lidar_sweeps and radar_sweeps must be >= 1 (the key frame counts)")
         if self.conditions not in (*SCENE_CONDITIONS, "mixed"):
             raise UserError(f"conditions must be one of {', '.join((*SCENE_CONDITIONS, 'mixed'))}, got {self.conditions!r}")
-        if self.radar_clutter not in ("light", "urban"):
-            raise UserError(f"radar_clutter must be light or urban, got {self.radar_clutter!r}")
+        if self.radar_clutter not in RADAR_CLUTTER:
+            raise UserError(f"radar_clutter must be one of {', '.join(RADAR_CLUTTER)}, got {self.radar_clutter!r}")
         if self.workers < 0:
             raise UserError(f"workers must be >= 0 (0 = one per CPU core), got {self.workers}")
         if self.is_mini and self.num_scenes > len(MINI_SCENE_ORDER):
@@ -241,12 +241,16 @@ class SceneWriter:
         self.static_tables = T.static_tables(cfg.seed)
         self.world, self.ground, rng = build_scene(cfg, index)
         self.condition = condition_of(cfg.conditions, index)
-        self.reflectors = None
+        self.reflector_boxes = self.reflector_rcs = None
         if cfg.radar_clutter == "urban":
             # own generator: the light-clutter drive stays byte-identical
             ego_s = self.world.ego.s(np.array([0.0, self.world.duration]))
-            self.reflectors = make_reflectors(self.world.road, (float(ego_s[0]) - 60.0, float(ego_s[1]) + 100.0),
-                                              np.random.default_rng([cfg.seed, index, 101]))
+            ref = make_reflectors(self.world.road, (float(ego_s[0]) - 60.0, float(ego_s[1]) + 100.0),
+                                  np.random.default_rng([cfg.seed, index, 101]))
+            # zero-size static boxes, so every sweep moves them into its sensor frame like the objects
+            self.reflector_boxes = np.zeros((len(ref), 9))
+            self.reflector_boxes[:, :2] = ref[:, :2]
+            self.reflector_rcs = ref[:, 2]
         sun_az, sun_el = rng.uniform(-np.pi, np.pi), rng.uniform(np.deg2rad(25), np.deg2rad(65))
         self.sun = np.array([np.cos(sun_el) * np.cos(sun_az), np.cos(sun_el) * np.sin(sun_az), np.sin(sun_el)])
         self.t0 = BASE_TIMESTAMP + index * 3_600_000_000 + int(rng.integers(0, 1_000_000))
@@ -351,10 +355,8 @@ class SceneWriter:
         c, s = np.cos(s_yaw), np.sin(s_yaw)
         v_s = np.array([c * v[0] + s * v[1], -s * v[0] + c * v[1]])
         reflectors = None
-        if self.reflectors is not None:
-            pseudo = np.zeros((len(self.reflectors), 9))
-            pseudo[:, :2] = self.reflectors[:, :2]
-            reflectors = np.column_stack([self._to_sensor(pseudo, pos, yaw, sensor)[:, :2], self.reflectors[:, 2]])
+        if self.reflector_boxes is not None:
+            reflectors = np.column_stack([self._to_sensor(self.reflector_boxes, pos, yaw, sensor)[:, :2], self.reflector_rcs])
         return simulate_radar(boxes, self.world.objects.cls, self.static, v_s, rng, reflectors)
 
     def _camera(self, ch: str, t: float, rng: np.random.Generator) -> np.ndarray:

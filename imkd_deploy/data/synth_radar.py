@@ -39,6 +39,7 @@ _LAMBDA = np.array([RADAR_PROFILE[c][0] for c in CLASS_NAMES])
 _RCS_MEAN = np.array([RADAR_PROFILE[c][1] for c in CLASS_NAMES])
 _RCS_STD = np.array([RADAR_PROFILE[c][2] for c in CLASS_NAMES])
 CLUTTER_PER_SWEEP = 9.0
+RADAR_CLUTTER = ("light", "urban")     # SynthConfig.radar_clutter: random clutter only | + fixed reflectors
 # Urban clutter: fixed reflectors per 100 m of road and side, their offset from the road
 # centre (m), RCS (dBsm mean, std: poles and signs overlap cars), and the chance one returns in a sweep.
 REFLECTORS_PER_100M, REFLECTOR_LATERAL, REFLECTOR_RCS, REFLECTOR_DETECTION = 20.0, (6.2, 16.0), (6.0, 5.0), 0.6
