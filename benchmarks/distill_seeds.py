@@ -96,7 +96,9 @@ def summarise(files: list[Path]) -> str:
             delta_c = "" if name in ("teacher", "none") else ", " + _delta(
                 [by_seed[s]["by_condition"][c]["nds"] - base[s]["by_condition"][c]["nds"] for s in pairs])
             cells += f" {mean_c:.3f}{delta_c} |" if mean_c is not None else " — |"
-        lines.append(f"| {name} | {ordered[0]['note']} | {' / '.join(f'{v:.3f}' for v in nds)} | {_mean_sd(nds)} | "
+        # one slot per seed of the table, so rows run on fewer seeds stay readable
+        per_seed = " / ".join(f"{by_seed[s]['nds']:.3f}" if s in by_seed else "—" for s in seeds)
+        lines.append(f"| {name} | {ordered[0]['note']} | {per_seed} | {_mean_sd(nds)} | "
                      f"{_mean_sd(mean_ap)} | {d_nds} | {d_map} | {tp('trans_err'):.3f} / {tp('vel_err'):.3f} |{cells}")
     lines += ["", "Δ in points (x100): mean ± sd over seeds of (variant − plain student) at the same seed, "
               "then the per-seed values. The teacher row repeats when every seed shares one teacher.", ""]

@@ -17,12 +17,15 @@ import torch
 from torch.utils.data import Dataset
 
 from imkd_deploy.config import ModelConfig
-from imkd_deploy.data.frame import Frame
+from imkd_deploy.data.frame import LIDAR_FEATURES, Frame
 from imkd_deploy.distill.depth_target import depth_bin_targets
 from imkd_deploy.model.head import build_targets
 from imkd_deploy.model.pillars import LIDAR_SPEC, batch_pillars, pillarise
 from imkd_deploy.ops.bev_pool import GeometryCache
 from imkd_deploy.runtime.preprocess import collate_inputs, network_inputs
+
+
+_LIDAR_DT = LIDAR_FEATURES.index("dt")
 
 
 def training_sample(frame: Frame, cfg: ModelConfig, role: str, cache: GeometryCache | None = None) -> dict:
@@ -41,7 +44,7 @@ def training_sample(frame: Frame, cfg: ModelConfig, role: str, cache: GeometryCa
     if role == "student":
         sample.update(network_inputs(frame, cfg, cache))
         # The images are exposed at the key time: older sweeps put a moving object where it was.
-        key = frame.lidar_points[frame.lidar_points[:, 4] == 0.0, :3]
+        key = frame.lidar_points[frame.lidar_points[:, _LIDAR_DT] == 0.0, :3]
         sample["depth_target"] = depth_bin_targets(key, frame.intrinsics, frame.cam2ego, cfg)
     return sample
 

@@ -1,0 +1,54 @@
+"""benchmarks/distill_seeds.py: the seed table pairs each distilled student with the plain
+student of its own seed, and keeps rows run on fewer seeds aligned to their seeds."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "distill_seeds.py"
+_spec = importlib.util.spec_from_file_location("distill_seeds", _SCRIPT)
+distill_seeds = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(distill_seeds)
+
+
+def _row(variant: str, nds: float, mean_ap: float) -> dict:
+    return {"variant": variant, "role": "student", "note": f"{variant} note", "nds": nds, "map": mean_ap,
+            "tp_errors": {"trans_err": 0.5, "vel_err": 0.9}}
+
+
+def _write(tmp: Path, name: str, seed: int, rows: list[dict], student_steps: int = 1600) -> Path:
+    meta = {"drive": "/d", "teacher_steps": 1200, "student_steps": student_steps, "batch_size": 2,
+            "val_samples": 80, "train_samples": 320, "seed": seed, "teacher_seed": 0}
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    return path
+
+
+def _table_row(table: str, name: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_paired_deltas_and_seed_alignment(tmp_path):
+    files = [
+        _write(tmp_path, "s0", 0, [_row("none", 0.400, 0.300), _row("all", 0.420, 0.310), _row("radar", 0.390, 0.320)]),
+        _write(tmp_path, "s1", 1, [_row("none", 0.450, 0.350), _row("all", 0.440, 0.370)]),
+    ]
+    table = distill_seeds.summarise(files)
+    cells = _table_row(table, "all")
+    # all - none per seed: +2.0 and -1.0 points; mean +0.5, sd 2.1
+    assert cells[2] == "0.420 / 0.440"
+    assert cells[5] == "+0.5 ± 2.1 (+2.0, -1.0)"
+    assert cells[6] == "+1.5 ± 0.7 (+1.0, +2.0)"
+    radar = _table_row(table, "radar")
+    assert radar[2] == "0.390 / —"  # only seed 0 ran level 1; its slot for seed 1 stays empty
+    assert radar[5] == "-1.0 (-1.0)"
+
+
+def test_refuses_runs_of_different_budgets(tmp_path):
+    a = _write(tmp_path, "a", 0, [_row("none", 0.4, 0.3)])
+    b = _write(tmp_path, "b", 1, [_row("none", 0.4, 0.3)], student_steps=400)
+    with pytest.raises(SystemExit, match="b.json.*student_steps"):
+        distill_seeds.summarise([a, b])
