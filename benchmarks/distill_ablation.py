@@ -1,5 +1,5 @@
 """IMKD ablation on a synthetic drive: the LiDAR teacher and the camera+radar student with
-each distillation level switched on or off, scored with the nuScenes metrics on mini_val.
+each distillation level switched on or off, scored with the nuScenes metrics on the val split.
 
     python benchmarks/distill_ablation.py --out benchmarks/results [--dataroot D]
         [--scenes 10 --samples 40] [--teacher-steps 1200 --student-steps 400] [--seed 0 --teacher-seed 0]
@@ -9,9 +9,13 @@ each distillation level switched on or off, scored with the nuScenes metrics on 
 
 Without ``--dataroot`` the drive is written by our own writer (``imkd data synth``, writer
 seed ``--drive-seed``, default 0, whatever the student ``--seed``) into ``WORKDIR/drive``
-(``drive-mixed`` etc. with ``--conditions``, ``...-seedN`` for another writer seed); its v1.0-mini scene names put 8 scenes in mini_train and 2 in
-mini_val. Every student variant uses the same seed, steps, batch and teacher, so the only
-difference between rows is the distillation setting. ``--w-radar``/``--w-fused`` set the
+(``drive-mixed`` etc. with ``--conditions``, ``...-seedN`` for another writer seed). At the
+default 10 scenes it is a v1.0-mini drive: the devkit's mini scene names put 8 scenes in
+mini_train and 2 in mini_val. With ``--scenes`` above 10 it is a ``v1.0-synth`` drive whose
+``splits.json`` puts every fifth scene in ``val`` and the rest in ``train`` (more training
+data, and a val split large enough to shrink the score noise of two scenes). Every student
+variant uses the same seed, steps, batch and teacher, so the only difference between rows is
+the distillation setting. ``--w-radar``/``--w-fused`` set the
 level-1/level-2 loss weights (DistillConfig.w_radar/w_fused) of every student that uses that
 level; a student without the level keeps the config default, so its run (e.g. ``none``) is the
 same as in a round at other weights and can be reused. Runs are kept under ``WORKDIR/runs``
@@ -45,8 +49,36 @@ from imkd_deploy.atomic import atomic_write_text
 from imkd_deploy.config import SCENE_CONDITIONS, ConfigError, DistillConfig, RunConfig, TrainConfig, tiny
 from imkd_deploy.data.synth_radar import RADAR_CLUTTER
 
-SPLIT_TRAIN, SPLIT_VAL, VERSION = "mini_train", "mini_val", "v1.0-mini"
 TEACHER_STEPS = 1200
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which table version and which train / val splits of a drive the ablation uses."""
+    version: str
+    train: str
+    val: str
+
+
+MINI = Layout("v1.0-mini", "mini_train", "mini_val")
+SYNTH = Layout("v1.0-synth", "train", "val")    # the writer's splits.json for a non-mini version
+
+
+def layout_for_scenes(scenes: int) -> Layout:
+    """The devkit's mini split names exactly 10 scenes; a larger synthetic drive needs its own."""
+    if scenes < 10:
+        raise ValueError(f"--scenes must be >= 10 (8 train + 2 val scenes), got {scenes}")
+    return MINI if scenes == 10 else SYNTH
+
+
+def layout_of(dataroot: Path) -> Layout:
+    """The layout of an existing drive: v1.0-mini, or v1.0-synth with its splits.json."""
+    if (dataroot / MINI.version).is_dir():
+        return MINI
+    if (dataroot / SYNTH.version / "splits.json").is_file():
+        return SYNTH
+    raise ValueError(f"{dataroot}: neither {MINI.version}/ nor {SYNTH.version}/splits.json found; "
+                     "the ablation needs a drive written by `imkd data synth`")
 
 
 @dataclass(frozen=True)
@@ -71,18 +103,20 @@ VARIANTS = {
 
 
 def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int, seed: int,
-                 conditions: str = "day", radar_clutter: str = "light") -> Path:
+                 conditions: str = "day", radar_clutter: str = "light") -> tuple[Path, Layout]:
     if dataroot is not None:
-        return dataroot
+        return dataroot, layout_of(dataroot)
     from imkd_deploy.data.synth import SynthConfig, write_drive
 
-    drive = workdir / ("drive" + ("" if conditions == "day" else f"-{conditions}")
+    layout = layout_for_scenes(scenes)
+    drive = workdir / ("drive" + ("" if scenes == 10 else f"-{scenes}scenes")
+                       + ("" if conditions == "day" else f"-{conditions}")
                        + ("" if radar_clutter == "light" else f"-{radar_clutter}") + (f"-seed{seed}" if seed else ""))
-    if not (drive / VERSION).is_dir():
+    if not (drive / layout.version).is_dir():
         print(f"writing a synthetic drive: {scenes} scenes x {samples} samples, {conditions} -> {drive}", flush=True)
         write_drive(drive, SynthConfig(num_scenes=scenes, samples_per_scene=samples, seed=seed, conditions=conditions,
-                                       radar_clutter=radar_clutter))
-    return drive
+                                       radar_clutter=radar_clutter, version=layout.version))
+    return drive, layout
 
 
 def run_config(variant: Variant, steps: int, batch: int, seed: int, lr: float | None,
@@ -111,22 +145,35 @@ def _same_run(saved: dict | None, run: RunConfig) -> bool:
         return False
 
 
-def train_and_score(variant: Variant, run: RunConfig, drive: Path, runs: Path, frames, val_frames,
+def _same_data(saved: dict, drive: Path, layout: Layout) -> bool:
+    """Whether a run's config.json (written by fit) trained on this drive's train split."""
+    root = saved.get("dataroot")
+    return (root is not None and Path(root).resolve() == drive.resolve()
+            and saved.get("version") == layout.version and saved.get("split") == layout.train)
+
+
+def train_and_score(variant: Variant, run: RunConfig, drive: Path, layout: Layout, runs: Path, frames, val_frames,
                     teacher_ckpt: Path | None) -> dict:
-    """Train (or reuse a finished run), then decode mini_val and score it."""
+    """Train (or reuse a finished run), then decode the val split and score it."""
     from imkd_deploy.distill.evaluate import predict_split, results_path
     from imkd_deploy.distill.trainer import fit
     from imkd_deploy.evaluation.nuscenes_metrics import evaluate_submission
 
     out = runs / variant.name
+    saved_cfg = out / "config.json"
+    if saved_cfg.is_file() and not _same_data(json.loads(saved_cfg.read_text()), drive, layout):
+        # a run of this variant on another drive (or split) in the same --workdir: its weights and
+        # scores say nothing about this drive, and the run config alone would not tell them apart
+        print(f"[{variant.name}] {out} was trained on another drive or split; training afresh", flush=True)
+        shutil.rmtree(out)
     done = out / "ablation_metrics.json"
     if done.is_file():
         record = json.loads(done.read_text())
         if _same_run(record.get("run"), run):
             print(f"[{variant.name}] reusing {done}", flush=True)
-            saved = results_path(Path(record["checkpoint"]), SPLIT_VAL)
+            saved = results_path(Path(record["checkpoint"]), layout.val)
             if "by_condition" not in record and saved.is_file():
-                record["by_condition"] = condition_scores(saved, drive)
+                record["by_condition"] = condition_scores(saved, drive, layout)
                 atomic_write_text(done, json.dumps(record, indent=2))
             return record
     stale = out / "config.json"
@@ -137,10 +184,10 @@ def train_and_score(variant: Variant, run: RunConfig, drive: Path, runs: Path, f
         shutil.rmtree(out)
     t0 = time.perf_counter()
     result = fit(run, drive, out, teacher_ckpt if variant.role == "student" else None, role=variant.role,
-                 version=VERSION, split=SPLIT_TRAIN, resume=True, progress=False, frames=frames)
+                 version=layout.version, split=layout.train, resume=True, progress=False, frames=frames)
     train_s = time.perf_counter() - t0
-    results = predict_split(result.checkpoint, drive, VERSION, SPLIT_VAL, frames=val_frames)
-    metrics = evaluate_submission(results, drive, VERSION, SPLIT_VAL)
+    results = predict_split(result.checkpoint, drive, layout.version, layout.val, frames=val_frames)
+    metrics = evaluate_submission(results, drive, layout.version, layout.val)
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
     record = {
         "variant": variant.name, "role": variant.role, "levels": variant.levels,
@@ -151,33 +198,35 @@ def train_and_score(variant: Variant, run: RunConfig, drive: Path, runs: Path, f
         "train_seconds": round(train_s, 1), "steps": run.train.max_steps,
         "final_losses": {k: v for k, v in last.items() if k not in ("step", "lr", "elapsed_s", "grad_norm")},
         "checkpoint": str(result.checkpoint), "run": run.to_dict(),
-        "by_condition": condition_scores(results, drive),
+        "by_condition": condition_scores(results, drive, layout),
     }
     atomic_write_text(done, json.dumps(record, indent=2))
     print(f"[{variant.name}] NDS {record['nds']:.4f} mAP {record['map']:.4f} ({train_s:.0f} s training)", flush=True)
     return record
 
 
-def drive_conditions(drive: Path) -> dict[str, dict[str, int]]:
+def drive_conditions(drive: Path, layout: Layout) -> dict[str, dict[str, int]]:
     """Scenes per condition in each split, e.g. {"mini_val": {"day": 1, "night": 1}}."""
     from imkd_deploy.data.loader import open_nuscenes, scenes_by_condition, split_scene_names
 
-    nusc = open_nuscenes(drive, VERSION)
-    return {split: {c: len(n) for c, n in scenes_by_condition(nusc, split_scene_names(drive, VERSION, split)).items()}
-            for split in (SPLIT_TRAIN, SPLIT_VAL)}
+    nusc = open_nuscenes(drive, layout.version)
+    return {split: {c: len(n) for c, n in
+                    scenes_by_condition(nusc, split_scene_names(drive, layout.version, split)).items()}
+            for split in (layout.train, layout.val)}
 
 
-def condition_scores(results: Path, drive: Path) -> dict[str, dict]:
-    """NDS / mAP of each scene condition (day, rain, night) of mini_val, when it holds more than one."""
+def condition_scores(results: Path, drive: Path, layout: Layout) -> dict[str, dict]:
+    """NDS / mAP of each scene condition (day, rain, night) of the val split, when it holds more than one."""
     from imkd_deploy.data.loader import open_nuscenes, scenes_by_condition, split_scene_names
     from imkd_deploy.evaluation.nuscenes_metrics import evaluate_submission
 
-    groups = scenes_by_condition(open_nuscenes(drive, VERSION), split_scene_names(drive, VERSION, SPLIT_VAL))
+    groups = scenes_by_condition(open_nuscenes(drive, layout.version),
+                                 split_scene_names(drive, layout.version, layout.val))
     if len(groups) < 2:
         return {}
     scores = {}
     for condition, names in groups.items():
-        m = evaluate_submission(results, drive, VERSION, SPLIT_VAL, scenes=names,
+        m = evaluate_submission(results, drive, layout.version, layout.val, scenes=names,
                                 out_dir=results.parent / f"{results.stem}_eval_{condition}")
         scores[condition] = {"nds": m["nd_score"], "map": m["mean_ap"], "scenes": names}
     return scores
@@ -205,7 +254,7 @@ def _weights_cell(r: dict) -> str:
 def markdown_table(records: list[dict], meta: dict) -> str:
     base = next((r for r in records if r["variant"] == "none"), None)
     lines = [
-        "# IMKD distillation ablation (synthetic drive, mini_val)",
+        f"# IMKD distillation ablation (synthetic drive, {meta.get('splits', {}).get('val', 'mini_val')})",
         "",
         f"Drive: {meta['drive']} ({meta['train_samples']} train / {meta['val_samples']} val samples); "
         f"teacher {meta['teacher_steps']} steps, every student {meta['student_steps']} steps, batch "
@@ -242,10 +291,13 @@ def markdown_table(records: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="results folder (distill_ablation.json / .md)")
-    p.add_argument("--dataroot", type=Path, default=None, help="an existing v1.0-mini drive (default: synthesise one)")
+    p.add_argument("--dataroot", type=Path, default=None,
+                   help="an existing drive, v1.0-mini or v1.0-synth with splits.json (default: synthesise one)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "imkd_ablation",
                    help="where the synthetic drive and the runs go")
-    p.add_argument("--scenes", type=int, default=10, help="synthetic scenes (>= 10 gives 8 train + 2 val)")
+    p.add_argument("--scenes", type=int, default=10,
+                   help="synthetic scenes: 10 gives the mini split (8 train + 2 val); more give a v1.0-synth drive "
+                        "with every fifth scene in val")
     p.add_argument("--samples", type=int, default=40, help="key frames per synthetic scene")
     p.add_argument("--drive-seed", type=int, default=0, help="writer seed of the synthetic drive")
     p.add_argument("--radar-clutter", default="light", choices=RADAR_CLUTTER,
@@ -295,38 +347,43 @@ def main(argv: list[str] | None = None) -> int:
         DistillConfig.from_dict({**DistillConfig().to_dict(), **settings})
     except ConfigError as exc:
         p.error(f"--set: {exc}")
-    if args.scenes < 10:
-        p.error("--scenes must be >= 10 (8 train + 2 val scenes with the mini split names)")
+    try:
+        layout_for_scenes(args.scenes)
+        if args.dataroot is not None:
+            layout_of(args.dataroot)
+    except ValueError as exc:
+        p.error(str(exc))
     torch.set_num_threads(args.threads)
 
     from imkd_deploy.data.loader import NuScenesDrive
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    drive = ensure_drive(args.dataroot, args.workdir, args.scenes, args.samples, args.drive_seed, args.conditions,
-                         args.radar_clutter)
+    drive, layout = ensure_drive(args.dataroot, args.workdir, args.scenes, args.samples, args.drive_seed,
+                                 args.conditions, args.radar_clutter)
     # Decode every frame once (JPEGs, sweeps) and share it between the six runs.
     t0 = time.perf_counter()
-    train_drive = NuScenesDrive(drive, VERSION, tiny(), split=SPLIT_TRAIN, load_lidar=True)
+    train_drive = NuScenesDrive(drive, layout.version, tiny(), split=layout.train, load_lidar=True)
     frames = [train_drive[i] for i in range(len(train_drive))]
-    val_drive = NuScenesDrive(drive, VERSION, tiny(), split=SPLIT_VAL, load_lidar=True)
+    val_drive = NuScenesDrive(drive, layout.version, tiny(), split=layout.val, load_lidar=True)
     val_frames = [val_drive[i] for i in range(len(val_drive))]
     print(f"loaded {len(frames)} train / {len(val_frames)} val frames in {time.perf_counter() - t0:.0f} s", flush=True)
 
     runs = args.workdir / "runs"
     teacher_seed = args.seed if args.teacher_seed is None else args.teacher_seed
     teacher_run = run_config(VARIANTS["teacher"], args.teacher_steps, args.batch_size, teacher_seed, args.lr)
-    records = [train_and_score(VARIANTS["teacher"], teacher_run, drive, runs, frames, val_frames, None)]
+    records = [train_and_score(VARIANTS["teacher"], teacher_run, drive, layout, runs, frames, val_frames, None)]
     teacher_ckpt = Path(records[0]["checkpoint"])
     weights = {lv: w for lv, w in (("radar", args.w_radar), ("fused", args.w_fused)) if w is not None}
     for name in names:
         run = run_config(VARIANTS[name], args.student_steps, args.batch_size, args.seed, args.lr, weights, settings)
-        records.append(train_and_score(VARIANTS[name], run, drive, runs, frames, val_frames, teacher_ckpt))
+        records.append(train_and_score(VARIANTS[name], run, drive, layout, runs, frames, val_frames, teacher_ckpt))
 
     meta = {"drive": str(drive), "train_samples": len(frames), "val_samples": len(val_frames),
             "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "batch_size": args.batch_size,
             "seed": args.seed, "teacher_seed": teacher_seed, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "name": args.name, "w_radar": args.w_radar, "w_fused": args.w_fused,
-            "settings": settings, "conditions": drive_conditions(drive),
+            "settings": settings, "conditions": drive_conditions(drive, layout),
+            "version": layout.version, "splits": {"train": layout.train, "val": layout.val},
             "drive_seed": None if args.dataroot is not None else args.drive_seed}
     table = markdown_table(records, meta)
     atomic_write_text(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": records}, indent=2))

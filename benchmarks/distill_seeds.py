@@ -1,6 +1,8 @@
 """Combine several ``distill_ablation.py`` result files (one per student seed) into one table:
 each variant's NDS / mAP per seed, their mean and standard deviation, and the paired
-difference to the plain student (same seed, same teacher), which cancels part of the seed noise.
+difference to the plain student (same seed, same teacher), which cancels part of the seed noise,
+with its 95% confidence interval (Student's t over the seeds): an interval that contains 0
+means the seeds do not show a difference either way.
 
     python benchmarks/distill_seeds.py benchmarks/results/imkd_seed0.json ... \\
         --out benchmarks/results/imkd_seeds.md
@@ -17,6 +19,8 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+from scipy import stats
 
 from imkd_deploy.atomic import atomic_write_text
 from imkd_deploy.config import SCENE_CONDITIONS
@@ -36,6 +40,17 @@ def _delta(values: list[float]) -> str:
     points = [100 * v for v in values]
     sd = f" ± {statistics.stdev(points):.1f}" if len(points) > 1 else ""
     return f"{statistics.mean(points):+.1f}{sd} ({', '.join(f'{p:+.1f}' for p in points)})"
+
+
+def _interval(values: list[float]) -> str:
+    """95% t-interval of the mean paired difference, in points. Too few seeds give a wide
+    interval rather than none, so a two-seed row cannot pass for a result."""
+    if len(values) < 2:
+        return "—"
+    points = [100 * v for v in values]
+    mean = statistics.mean(points)
+    half = stats.t.ppf(0.975, len(points) - 1) * statistics.stdev(points) / len(points) ** 0.5
+    return f"[{mean - half:+.1f}, {mean + half:+.1f}]"
 
 
 def _label(row: dict, meta: dict) -> str:
@@ -71,9 +86,9 @@ def summarise(files: list[Path]) -> str:
         f"students {first['student_steps']} steps, batch {first['batch_size']}, student seeds {seeds}.",
         "Files: " + ", ".join(f"`{f.name}`" for f in files) + ".",
         "",
-        "| Model | Distillation | NDS per seed | NDS mean ± sd | mAP mean ± sd | ΔNDS vs plain (paired) | ΔmAP vs plain (paired) | mATE / mAVE mean |"
+        "| Model | Distillation | NDS per seed | NDS mean ± sd | mAP mean ± sd | ΔNDS vs plain (paired) | ΔNDS 95% CI | ΔmAP vs plain (paired) | mATE / mAVE mean |"
         + "".join(f" NDS {c}: mean, Δ paired |" for c in conditions),
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(conditions),
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(conditions),
     ]
     base = rows.get("none", {})
     for name, by_seed in rows.items():
@@ -81,9 +96,10 @@ def summarise(files: list[Path]) -> str:
         nds, mean_ap = [r["nds"] for r in ordered], [r["map"] for r in ordered]
         paired = [s for s in seeds if s in by_seed and s in base]
         if name in ("teacher", "none"):
-            d_nds = d_map = ""
+            d_nds = d_map = ci_nds = ""
         else:
             d_nds = _delta([by_seed[s]["nds"] - base[s]["nds"] for s in paired])
+            ci_nds = _interval([by_seed[s]["nds"] - base[s]["nds"] for s in paired])
             d_map = _delta([by_seed[s]["map"] - base[s]["map"] for s in paired])
         def tp(key: str) -> float:
             return statistics.mean(r["tp_errors"][key] for r in ordered)
@@ -99,9 +115,10 @@ def summarise(files: list[Path]) -> str:
         # one slot per seed of the table, so rows run on fewer seeds stay readable
         per_seed = " / ".join(f"{by_seed[s]['nds']:.3f}" if s in by_seed else "—" for s in seeds)
         lines.append(f"| {name} | {ordered[0]['note']} | {per_seed} | {_mean_sd(nds)} | "
-                     f"{_mean_sd(mean_ap)} | {d_nds} | {d_map} | {tp('trans_err'):.3f} / {tp('vel_err'):.3f} |{cells}")
+                     f"{_mean_sd(mean_ap)} | {d_nds} | {ci_nds} | {d_map} | {tp('trans_err'):.3f} / {tp('vel_err'):.3f} |{cells}")
     lines += ["", "Δ in points (x100): mean ± sd over seeds of (variant − plain student) at the same seed, "
-              "then the per-seed values. The teacher row repeats when every seed shares one teacher.", ""]
+              "then the per-seed values; the 95% CI is Student's t over the seeds. The teacher row repeats "
+              "when every seed shares one teacher.", ""]
     return "\n".join(lines)
 
 

@@ -41,10 +41,13 @@ def test_paired_deltas_and_seed_alignment(tmp_path):
     # all - none per seed: +2.0 and -1.0 points; mean +0.5, sd 2.1
     assert cells[2] == "0.420 / 0.440"
     assert cells[5] == "+0.5 ± 2.1 (+2.0, -1.0)"
-    assert cells[6] == "+1.5 ± 0.7 (+1.0, +2.0)"
+    # t(0.975, 1 dof) = 12.706: half width 12.706 * 2.121 / sqrt(2) = 19.06 points
+    assert cells[6] == "[-18.6, +19.6]"
+    assert cells[7] == "+1.5 ± 0.7 (+1.0, +2.0)"
     radar = _table_row(table, "radar")
     assert radar[2] == "0.390 / —"  # only seed 0 ran level 1; its slot for seed 1 stays empty
     assert radar[5] == "-1.0 (-1.0)"
+    assert radar[6] == "—"  # one pair gives no interval
 
 
 def test_refuses_runs_of_different_budgets(tmp_path):

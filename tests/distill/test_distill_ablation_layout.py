@@ -1,0 +1,47 @@
+"""benchmarks/distill_ablation.py: a 10-scene drive is scored on the mini split, a larger one on
+the v1.0-synth train/val splits the writer records, with the scene conditions of each split."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "distill_ablation.py"
+_spec = importlib.util.spec_from_file_location("distill_ablation", _SCRIPT)
+distill_ablation = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = distill_ablation   # dataclasses look their module up there
+_spec.loader.exec_module(distill_ablation)
+
+
+def test_layout_follows_the_scene_count():
+    assert distill_ablation.layout_for_scenes(10) == distill_ablation.MINI
+    assert distill_ablation.layout_for_scenes(25) == distill_ablation.SYNTH
+    with pytest.raises(ValueError, match="--scenes must be >= 10"):
+        distill_ablation.layout_for_scenes(9)
+
+
+def test_larger_drive_gets_train_and_val_splits(tmp_path):
+    drive, layout = distill_ablation.ensure_drive(None, tmp_path, scenes=11, samples=2, seed=0, conditions="mixed")
+    assert layout == distill_ablation.SYNTH
+    assert drive.name == "drive-11scenes-mixed"
+    assert (drive / "v1.0-synth" / "splits.json").is_file()
+    # every fifth scene (1 and 6 of 0..10) in val; the mixed cycle makes them one day, one night
+    assert distill_ablation.drive_conditions(drive, layout) == {
+        "train": {"day": 6, "rain": 2, "night": 1}, "val": {"day": 1, "night": 1}}
+    # an existing drive passed as --dataroot is recognised by its layout
+    assert distill_ablation.ensure_drive(drive, tmp_path, 10, 40, 0)[1] == distill_ablation.SYNTH
+    with pytest.raises(ValueError, match="neither v1.0-mini/ nor v1.0-synth/splits.json"):
+        distill_ablation.layout_of(tmp_path)
+
+
+def test_runs_of_another_drive_are_not_reused(tmp_path):
+    drive = tmp_path / "drive"
+    drive.mkdir()
+    saved = {"dataroot": str(drive), "version": "v1.0-mini", "split": "mini_train"}
+    same = distill_ablation._same_data
+    assert same(saved, drive, distill_ablation.MINI)
+    assert same({**saved, "dataroot": str(tmp_path / "." / "drive")}, drive, distill_ablation.MINI)
+    assert not same({**saved, "dataroot": str(tmp_path / "drive-mixed")}, drive, distill_ablation.MINI)
+    assert not same(saved, drive, distill_ablation.SYNTH)       # same folder, other version and split
+    assert not same({"version": "v1.0-mini", "split": "mini_train"}, drive, distill_ablation.MINI)
