@@ -161,23 +161,24 @@ def train_and_score(variant: Variant, run: RunConfig, drive: Path, layout: Layou
 
     out = runs / variant.name
     saved_cfg = out / "config.json"
-    if saved_cfg.is_file() and not _same_data(json.loads(saved_cfg.read_text()), drive, layout):
+    saved = json.loads(saved_cfg.read_text()) if saved_cfg.is_file() else None
+    if saved is not None and not _same_data(saved, drive, layout):
         # a run of this variant on another drive (or split) in the same --workdir: its weights and
         # scores say nothing about this drive, and the run config alone would not tell them apart
         print(f"[{variant.name}] {out} was trained on another drive or split; training afresh", flush=True)
         shutil.rmtree(out)
+        saved = None
     done = out / "ablation_metrics.json"
     if done.is_file():
         record = json.loads(done.read_text())
         if _same_run(record.get("run"), run):
             print(f"[{variant.name}] reusing {done}", flush=True)
-            saved = results_path(Path(record["checkpoint"]), layout.val)
-            if "by_condition" not in record and saved.is_file():
-                record["by_condition"] = condition_scores(saved, drive, layout)
+            val_results = results_path(Path(record["checkpoint"]), layout.val)
+            if "by_condition" not in record and val_results.is_file():
+                record["by_condition"] = condition_scores(val_results, drive, layout)
                 atomic_write_text(done, json.dumps(record, indent=2))
             return record
-    stale = out / "config.json"
-    if stale.is_file() and not _same_run(json.loads(stale.read_text()).get("run"), run):
+    if saved is not None and not _same_run(saved.get("run"), run):
         # fit() would resume it and only a changed max_steps is allowed there, which continues
         # a finished run instead of training a fresh one with its own LR schedule
         print(f"[{variant.name}] {out} holds a run with another config; training afresh", flush=True)
@@ -347,19 +348,16 @@ def main(argv: list[str] | None = None) -> int:
         DistillConfig.from_dict({**DistillConfig().to_dict(), **settings})
     except ConfigError as exc:
         p.error(f"--set: {exc}")
-    try:
-        layout_for_scenes(args.scenes)
-        if args.dataroot is not None:
-            layout_of(args.dataroot)
-    except ValueError as exc:
-        p.error(str(exc))
     torch.set_num_threads(args.threads)
 
     from imkd_deploy.data.loader import NuScenesDrive
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    drive, layout = ensure_drive(args.dataroot, args.workdir, args.scenes, args.samples, args.drive_seed,
-                                 args.conditions, args.radar_clutter)
+    try:
+        drive, layout = ensure_drive(args.dataroot, args.workdir, args.scenes, args.samples, args.drive_seed,
+                                     args.conditions, args.radar_clutter)
+    except ValueError as exc:      # a scene count or --dataroot the ablation cannot use
+        p.error(str(exc))
     # Decode every frame once (JPEGs, sweeps) and share it between the six runs.
     t0 = time.perf_counter()
     train_drive = NuScenesDrive(drive, layout.version, tiny(), split=layout.train, load_lidar=True)

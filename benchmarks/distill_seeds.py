@@ -98,8 +98,8 @@ def summarise(files: list[Path]) -> str:
         if name in ("teacher", "none"):
             d_nds = d_map = ci_nds = ""
         else:
-            d_nds = _delta([by_seed[s]["nds"] - base[s]["nds"] for s in paired])
-            ci_nds = _interval([by_seed[s]["nds"] - base[s]["nds"] for s in paired])
+            diffs = [by_seed[s]["nds"] - base[s]["nds"] for s in paired]
+            d_nds, ci_nds = _delta(diffs), _interval(diffs)
             d_map = _delta([by_seed[s]["map"] - base[s]["map"] for s in paired])
         def tp(key: str) -> float:
             return statistics.mean(r["tp_errors"][key] for r in ordered)
