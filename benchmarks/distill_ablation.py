@@ -48,6 +48,7 @@ import torch
 from imkd_deploy.atomic import atomic_write_text
 from imkd_deploy.config import SCENE_CONDITIONS, ConfigError, DistillConfig, RunConfig, TrainConfig, tiny
 from imkd_deploy.data.synth_radar import RADAR_CLUTTER
+from imkd_deploy.export.metadata import file_sha256
 
 TEACHER_STEPS = 1200
 
@@ -152,6 +153,13 @@ def _same_data(saved: dict, drive: Path, layout: Layout) -> bool:
             and saved.get("version") == layout.version and saved.get("split") == layout.train)
 
 
+def _same_teacher(saved: dict, teacher_ckpt: Path | None) -> bool:
+    """Whether a run's config.json was distilled from this teacher checkpoint. Runs that record
+    no teacher hash (plain students, or runs saved before it was recorded) cannot differ."""
+    sha = saved.get("teacher_sha256")
+    return not sha or (teacher_ckpt is not None and Path(teacher_ckpt).is_file() and sha == file_sha256(teacher_ckpt))
+
+
 def train_and_score(variant: Variant, run: RunConfig, drive: Path, layout: Layout, runs: Path, frames, val_frames,
                     teacher_ckpt: Path | None) -> dict:
     """Train (or reuse a finished run), then decode the val split and score it."""
@@ -166,6 +174,12 @@ def train_and_score(variant: Variant, run: RunConfig, drive: Path, layout: Layou
         # a run of this variant on another drive (or split) in the same --workdir: its weights and
         # scores say nothing about this drive, and the run config alone would not tell them apart
         print(f"[{variant.name}] {out} was trained on another drive or split; training afresh", flush=True)
+        shutil.rmtree(out)
+        saved = None
+    if saved is not None and not _same_teacher(saved, teacher_ckpt):
+        # the teacher was retrained into the same path (other steps or seed), so the path
+        # alone would reuse a student distilled from the old one
+        print(f"[{variant.name}] {out} was distilled from another teacher; training afresh", flush=True)
         shutil.rmtree(out)
         saved = None
     done = out / "ablation_metrics.json"
@@ -252,6 +266,35 @@ def _weights_cell(r: dict) -> str:
     return ", ".join(f"{k[2:]} {v:g}" for k, v in w.items()) or "—"
 
 
+def reproduce_command(meta: dict, records: list[dict]) -> str:
+    """The command line that reruns these rows: the drive (its writer arguments, or the
+    --dataroot it was read from), the schedule, the seeds, the variants and any overrides."""
+    cmd = ["python benchmarks/distill_ablation.py --out benchmarks/results"]
+    writer = meta.get("writer")
+    if writer is not None:
+        cmd.append(f"--scenes {writer['scenes']} --samples {writer['samples']} --conditions {writer['conditions']} "
+                   f"--radar-clutter {writer['radar_clutter']} --drive-seed {meta['drive_seed']}")
+    elif "writer" in meta:          # read from --dataroot (results saved before "writer" cannot tell)
+        cmd.append(f"--dataroot {meta['drive']}")
+    cmd.append(f"--teacher-steps {meta['teacher_steps']} --student-steps {meta['student_steps']}")
+    if meta.get("batch_size", TrainConfig().batch_size) != TrainConfig().batch_size:
+        cmd.append(f"--batch-size {meta['batch_size']}")
+    if meta.get("lr") is not None:
+        cmd.append(f"--lr {meta['lr']:g}")
+    cmd.append(f"--seed {meta['seed']}")
+    if meta.get("teacher_seed", meta["seed"]) != meta["seed"]:
+        cmd.append(f"--teacher-seed {meta['teacher_seed']}")
+    students = [r["variant"] for r in records if r["role"] == "student"]
+    cmd.append(f"--variants {','.join(students)}" if students else '--variants ""')
+    if meta.get("threads", 1) != 1:      # thread count changes CPU reduction order, so the digits
+        cmd.append(f"--threads {meta['threads']}")
+    cmd += [f"--w-{lv} {meta[f'w_{lv}']:g}" for lv in ("radar", "fused") if meta.get(f"w_{lv}") is not None]
+    cmd += [f"--set {k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in meta.get("settings", {}).items()]
+    if meta.get("name", "distill_ablation") != "distill_ablation":
+        cmd.append(f"--name {meta['name']}")
+    return " ".join(cmd)
+
+
 def markdown_table(records: list[dict], meta: dict) -> str:
     base = next((r for r in records if r["variant"] == "none"), None)
     lines = [
@@ -278,14 +321,8 @@ def markdown_table(records: list[dict], meta: dict) -> str:
         lines.append(f"| {r['variant']} | {r['note']} | {_weights_cell(r)} | {r['nds']:.4f} | {r['map']:.4f} | {delta} |{cond} "
                      + " | ".join(f"{tp[k]:.3f}" for k in ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err"))
                      + " |")
-    weight_args = "".join(f" --w-{lv} {meta[f'w_{lv}']:g}" for lv in ("radar", "fused") if meta.get(f"w_{lv}") is not None)
-    name_arg = "" if meta.get("name", "distill_ablation") == "distill_ablation" else f" --name {meta['name']}"
-    name_arg = "".join(f" --set {k}={v}" for k, v in meta.get("settings", {}).items()) + name_arg
     lines += ["", "KD weights: the level-1 (radar) / level-2 (fused) distillation loss weights the student trained "
-              "with. ΔNDS in NDS points (x100). Reproduce: `python benchmarks/distill_ablation.py --out benchmarks/results "
-              f"--teacher-steps {meta['teacher_steps']} --student-steps {meta['student_steps']} --seed {meta['seed']}"
-              + (f" --teacher-seed {meta['teacher_seed']}" if meta.get("teacher_seed", meta["seed"]) != meta["seed"] else "")
-              + f"{weight_args}{name_arg}`.", ""]
+              f"with. ΔNDS in NDS points (x100). Reproduce: `{reproduce_command(meta, records)}`.", ""]
     return "\n".join(lines)
 
 
@@ -382,7 +419,11 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.machine(), "name": args.name, "w_radar": args.w_radar, "w_fused": args.w_fused,
             "settings": settings, "conditions": drive_conditions(drive, layout),
             "version": layout.version, "splits": {"train": layout.train, "val": layout.val},
-            "drive_seed": None if args.dataroot is not None else args.drive_seed}
+            "drive_seed": None if args.dataroot is not None else args.drive_seed,
+            "writer": None if args.dataroot is not None else {
+                "scenes": args.scenes, "samples": args.samples, "conditions": args.conditions,
+                "radar_clutter": args.radar_clutter},
+            "lr": args.lr}
     table = markdown_table(records, meta)
     atomic_write_text(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": records}, indent=2))
     atomic_write_text(args.out / f"{args.name}.md", table)

@@ -33,6 +33,7 @@ from imkd_deploy.distill.checkpoint import load_checkpoint, load_model, load_tra
 from imkd_deploy.distill.dataset import FrameDataset, collate, move_targets, student_args, teacher_args
 from imkd_deploy.distill.losses import IMKDCriterion
 from imkd_deploy.errors import UserError
+from imkd_deploy.export.metadata import file_sha256
 from imkd_deploy.model.build import build_model
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,18 @@ def _config_changes(old: RunConfig, new: RunConfig) -> list[str]:
             if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES]
 
 
+def _check_same_teacher(saved_cfg: Path, teacher_ckpt, teacher_sha: str | None) -> None:
+    """Refuse to resume a student against another teacher than the one it started with.
+    Runs saved before the hash was recorded cannot be checked and resume as before."""
+    if teacher_sha is None or not saved_cfg.is_file():
+        return
+    saved_sha = json.loads(saved_cfg.read_text()).get("teacher_sha256")
+    if saved_sha is not None and saved_sha != teacher_sha:
+        raise UserError(f"{saved_cfg.parent} was trained against another teacher (sha256 {saved_sha[:12]}, now "
+                        f"{teacher_sha[:12]} at {teacher_ckpt}); resuming it would silently mix two teachers: "
+                        "use another --out, or delete that run to start over")
+
+
 # --------------------------------------------------------------------------- the run
 @dataclass
 class TrainResult:
@@ -219,11 +232,14 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed, drop_last=True)
 
         optimizer = torch.optim.AdamW(step_module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        # a teacher retrained into the same path is another teacher: the hash, not the path, names it
+        teacher_sha = file_sha256(Path(teacher_ckpt)) if criterion.needs_teacher else None
         start = 0
         if resume and last.is_file():
             ckpt = load_checkpoint(last)
             if ckpt.role != role:
                 raise UserError(f"{last} holds a {ckpt.role} run; cannot resume it as {role} (use another --out)")
+            _check_same_teacher(out_dir / "config.json", teacher_ckpt, teacher_sha)
             changed = _config_changes(ckpt.run_config, run_cfg)
             if changed:
                 raise UserError(f"{last} was trained with another config ({'; '.join(changed[:4])}); resuming it would "
@@ -242,7 +258,8 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out_dir / "config.json", {"role": role, "run": run_cfg.to_dict(), "dataroot": str(dataroot),
                                                          "version": version, "split": split,
-                                                         "teacher": str(teacher_ckpt) if teacher_ckpt else None},
+                                                         "teacher": str(teacher_ckpt) if teacher_ckpt else None,
+                                                         "teacher_sha256": teacher_sha},
                               indent=2, sort_keys=True)
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
 

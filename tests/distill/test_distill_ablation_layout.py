@@ -45,3 +45,34 @@ def test_runs_of_another_drive_are_not_reused(tmp_path):
     assert not same({**saved, "dataroot": str(tmp_path / "drive-mixed")}, drive, distill_ablation.MINI)
     assert not same(saved, drive, distill_ablation.SYNTH)       # same folder, other version and split
     assert not same({"version": "v1.0-mini", "split": "mini_train"}, drive, distill_ablation.MINI)
+
+
+def test_students_of_a_retrained_teacher_are_not_reused(tmp_path):
+    teacher = tmp_path / "last.safetensors"
+    teacher.write_bytes(b"teacher A")
+    saved = {"teacher_sha256": distill_ablation.file_sha256(teacher)}
+    same = distill_ablation._same_teacher
+    assert same(saved, teacher)
+    teacher.write_bytes(b"teacher B")              # retrained into the same path
+    assert not same(saved, teacher)
+    assert not same(saved, tmp_path / "missing.safetensors")
+    assert same({"teacher_sha256": None}, teacher)   # a plain student
+    assert same({}, teacher)                         # saved before the hash was recorded
+
+
+def test_reproduce_command_names_the_drive_and_every_override():
+    meta = {"drive": "/w/drive-30scenes-mixed", "drive_seed": 3, "teacher_steps": 3600, "student_steps": 4800,
+            "batch_size": 2, "seed": 1, "teacher_seed": 0, "threads": 1, "lr": None, "w_radar": 0.5, "w_fused": None,
+            "settings": {"adapter": "conv", "kd_channels": 0.5}, "name": "s1_all30",
+            "writer": {"scenes": 30, "samples": 40, "conditions": "mixed", "radar_clutter": "light"}}
+    rows = [{"variant": "teacher", "role": "teacher"}, {"variant": "none", "role": "student"},
+            {"variant": "all", "role": "student"}]
+    assert distill_ablation.reproduce_command(meta, rows) == (
+        "python benchmarks/distill_ablation.py --out benchmarks/results --scenes 30 --samples 40 --conditions mixed "
+        "--radar-clutter light --drive-seed 3 --teacher-steps 3600 --student-steps 4800 --seed 1 --teacher-seed 0 "
+        "--variants none,all --w-radar 0.5 --set adapter=conv --set kd_channels=0.5 --name s1_all30")
+    read = {**meta, "writer": None, "drive_seed": None, "threads": 2, "lr": 0.001, "batch_size": 4,
+            "teacher_seed": 1, "w_radar": None, "settings": {}, "name": "distill_ablation"}
+    assert distill_ablation.reproduce_command(read, rows[:1]) == (
+        "python benchmarks/distill_ablation.py --out benchmarks/results --dataroot /w/drive-30scenes-mixed "
+        "--teacher-steps 3600 --student-steps 4800 --batch-size 4 --lr 0.001 --seed 1 --variants \"\" --threads 2")

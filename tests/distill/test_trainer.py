@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 
 import numpy as np
@@ -16,6 +17,7 @@ from imkd_deploy.config import BEVGrid, DistillConfig, RunConfig, TrainConfig, t
 from imkd_deploy.distill.checkpoint import load_checkpoint, load_model, save_checkpoint
 from imkd_deploy.distill.trainer import fit, lr_factor, train
 from imkd_deploy.errors import UserError
+from imkd_deploy.export.metadata import file_sha256
 from imkd_deploy.model.build import build_student
 
 
@@ -105,6 +107,26 @@ def test_resume_refuses_a_changed_config(tmp_path, frames, teacher_ckpt):
         fit(changed, None, tmp_path / "run", teacher_ckpt, frames=frames, progress=False)
     longer = rc.replace(train=rc.train.replace(max_steps=rc.train.max_steps + 1))
     assert fit(longer, None, tmp_path / "run", teacher_ckpt, frames=frames, progress=False).step == rc.train.max_steps + 1
+
+
+def test_resume_refuses_a_teacher_retrained_into_the_same_path(tmp_path, frames, teacher_ckpt):
+    torch.set_num_threads(1)
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copyfile(teacher_ckpt, teacher)
+    rc = run_cfg("radar")
+    fit(rc, None, tmp_path / "run", teacher, frames=frames, progress=False, stop_after=2)
+    saved = json.loads((tmp_path / "run/config.json").read_text())
+    assert saved["teacher_sha256"] == file_sha256(teacher)
+    # same path, other weights: a teacher retrained with another seed
+    other = train(run_cfg(max_steps=1, seed=1), None, tmp_path / "teacher2", role="teacher", frames=frames, progress=False)
+    shutil.copyfile(other, teacher)
+    with pytest.raises(UserError, match="another teacher"):
+        fit(rc, None, tmp_path / "run", teacher, frames=frames, progress=False)
+    # a plain student does not use the teacher, so it records none and resumes whatever is passed
+    plain = fit(run_cfg("none"), None, tmp_path / "plain", teacher, frames=frames, progress=False, stop_after=2)
+    assert json.loads((tmp_path / "plain/config.json").read_text())["teacher_sha256"] is None
+    shutil.copyfile(teacher_ckpt, teacher)
+    assert fit(run_cfg("none"), None, tmp_path / "plain", teacher, frames=frames, progress=False).step == 4 > plain.step
 
 
 def test_student_distillation_without_teacher_is_a_user_error(tmp_path, frames):
