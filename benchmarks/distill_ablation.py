@@ -154,10 +154,14 @@ def _same_data(saved: dict, drive: Path, layout: Layout) -> bool:
 
 
 def _same_teacher(saved: dict, teacher_ckpt: Path | None) -> bool:
-    """Whether a run's config.json was distilled from this teacher checkpoint. Runs that record
-    no teacher hash (plain students, or runs saved before it was recorded) cannot differ."""
-    sha = saved.get("teacher_sha256")
-    return not sha or (teacher_ckpt is not None and Path(teacher_ckpt).is_file() and sha == file_sha256(teacher_ckpt))
+    """Whether a run's config.json was distilled from this teacher checkpoint (the trainer's
+    rule); the teacher is hashed only when the run records a hash to compare with."""
+    from imkd_deploy.distill.trainer import distilled_from_other_teacher
+
+    if not saved.get("teacher_sha256"):
+        return True
+    sha = file_sha256(teacher_ckpt) if teacher_ckpt is not None and Path(teacher_ckpt).is_file() else None
+    return not distilled_from_other_teacher(saved, sha)
 
 
 def train_and_score(variant: Variant, run: RunConfig, drive: Path, layout: Layout, runs: Path, frames, val_frames,
@@ -170,16 +174,13 @@ def train_and_score(variant: Variant, run: RunConfig, drive: Path, layout: Layou
     out = runs / variant.name
     saved_cfg = out / "config.json"
     saved = json.loads(saved_cfg.read_text()) if saved_cfg.is_file() else None
-    if saved is not None and not _same_data(saved, drive, layout):
-        # a run of this variant on another drive (or split) in the same --workdir: its weights and
-        # scores say nothing about this drive, and the run config alone would not tell them apart
-        print(f"[{variant.name}] {out} was trained on another drive or split; training afresh", flush=True)
-        shutil.rmtree(out)
-        saved = None
-    if saved is not None and not _same_teacher(saved, teacher_ckpt):
-        # the teacher was retrained into the same path (other steps or seed), so the path
-        # alone would reuse a student distilled from the old one
-        print(f"[{variant.name}] {out} was distilled from another teacher; training afresh", flush=True)
+    # A run of this variant on another drive (or split) in the same --workdir, or distilled from
+    # a teacher since retrained into the same path: the run config alone would not tell them apart.
+    stale = saved is not None and ("was trained on another drive or split" if not _same_data(saved, drive, layout)
+                                   else "was distilled from another teacher" if not _same_teacher(saved, teacher_ckpt)
+                                   else None)
+    if stale:
+        print(f"[{variant.name}] {out} {stale}; training afresh", flush=True)
         shutil.rmtree(out)
         saved = None
     done = out / "ablation_metrics.json"

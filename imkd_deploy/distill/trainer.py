@@ -168,14 +168,21 @@ def _config_changes(old: RunConfig, new: RunConfig) -> list[str]:
             if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES]
 
 
+def distilled_from_other_teacher(saved: dict, teacher_sha: str | None) -> bool:
+    """Whether a run's config.json records a teacher other than the checkpoint hashed to
+    ``teacher_sha``. Runs that record none (plain students, or runs saved before the hash was
+    recorded) cannot be told apart and count as the same."""
+    recorded = saved.get("teacher_sha256")
+    return recorded is not None and recorded != teacher_sha
+
+
 def _check_same_teacher(saved_cfg: Path, teacher_ckpt, teacher_sha: str | None) -> None:
-    """Refuse to resume a student against another teacher than the one it started with.
-    Runs saved before the hash was recorded cannot be checked and resume as before."""
+    """Refuse to resume a student against another teacher than the one it started with."""
     if teacher_sha is None or not saved_cfg.is_file():
         return
-    saved_sha = json.loads(saved_cfg.read_text()).get("teacher_sha256")
-    if saved_sha is not None and saved_sha != teacher_sha:
-        raise UserError(f"{saved_cfg.parent} was trained against another teacher (sha256 {saved_sha[:12]}, now "
+    saved = json.loads(saved_cfg.read_text())
+    if distilled_from_other_teacher(saved, teacher_sha):
+        raise UserError(f"{saved_cfg.parent} was trained against another teacher (sha256 {saved['teacher_sha256'][:12]}, now "
                         f"{teacher_sha[:12]} at {teacher_ckpt}); resuming it would silently mix two teachers: "
                         "use another --out, or delete that run to start over")
 
