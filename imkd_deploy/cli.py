@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from imkd_deploy.errors import UserError
 
@@ -40,7 +41,8 @@ app.add_typer(data_app, name="data")
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    # escape: messages quote install extras such as imkd-deploy[rtx], which rich would eat as markup
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(2)
 
 
@@ -441,7 +443,7 @@ def build_engine_cmd(
     precision: Optional[str] = typer.Option(None, help="fp16: convert to mixed-precision FP16 first; default: what the ONNX carries."),
     profile: Optional[list[str]] = typer.Option(None, help="NAME:min:opt:max dims, e.g. ranks_bev:1000:40000:90000 (repeatable). Default: from --set statistics."),
     workspace_mb: int = typer.Option(1024, help="Builder workspace limit, MiB."),
-    compute_capability: Optional[list[str]] = typer.Option(None, help="TensorRT-RTX target(s), e.g. 8.6 (repeatable)."),
+    compute_capability: Optional[list[str]] = typer.Option(None, help="TensorRT-RTX target(s), e.g. 8.6 (repeatable), or 'current': the GPU of this machine. TensorRT-RTX has no Hopper (9.0) target: use --backend tensorrt there."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Parse only: op coverage and which nodes need plugins."),
 ) -> None:
     """Build a TensorRT / TensorRT-RTX engine with a JSON sidecar (flavour, version, hashes, profiles)."""
@@ -519,7 +521,7 @@ def quickstart_cmd(
                   f"{lat['network']['p50']:.1f}" if lat else "-", f"{lat['total']['p50']:.1f}" if lat else "-")
     out.print(t)
     for note in res.notes:
-        out.print(note)
+        out.print(escape(note))
     w = res.workdir
     out.print(f"BEV picture: {res.picture}\nsummary: {w / 'summary.json'}")
     out.print("\nnext, try:\n"

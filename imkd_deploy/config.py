@@ -216,6 +216,7 @@ class DistillConfig(_Serializable):
     feature_norm: bool = False   # standardise each channel (per sample, over BEV) before the feature MSE
     kd_channels: float = 1.0     # share of the student's channels the level-1/2 adapters read; the rest stay free
     adapter: str = "linear"      # level-1/2 adapters: "linear" (1x1 conv) | "conv" (3x3 conv-BN-ReLU, then 1x1)
+    kd_until: float | None = None  # None: constant KD weights; a share s of the run: they fall (cosine) to 0 at s*max_steps
 
     def enabled(self, level: str) -> bool:
         parts = set(self.levels.split("+"))
@@ -236,6 +237,9 @@ class DistillConfig(_Serializable):
             raise ConfigError(f"DistillConfig.adapter: '{self.adapter}' (linear|conv)")
         if not 0.0 < self.kd_channels <= 1.0:
             raise ConfigError(f"DistillConfig.kd_channels: {self.kd_channels} (a share in (0, 1])")
+        if self.kd_until is not None and (isinstance(self.kd_until, bool) or not isinstance(self.kd_until, (int, float))
+                                          or not 0.0 < self.kd_until <= 1.0):
+            raise ConfigError(f"DistillConfig.kd_until: {self.kd_until} (None, or a share of the run in (0, 1])")
 
 
 @dataclass
@@ -251,10 +255,13 @@ class TrainConfig(_Serializable):
     log_every: int = 10
     ckpt_every: int = 200
     num_workers: int = 0
+    amp: str = "auto"             # auto: bf16 autocast on CUDA, none on CPU | bf16 | off
 
     def validate(self) -> None:
         if self.schedule not in ("cosine", "step"):
             raise ConfigError(f"TrainConfig.schedule: '{self.schedule}' (cosine|step)")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ConfigError(f"TrainConfig.amp: '{self.amp}' (auto|bf16|off)")
 
 
 @dataclass

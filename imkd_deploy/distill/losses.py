@@ -152,6 +152,7 @@ class IMKDCriterion(nn.Module):
                                      * distill.kd_channels))
         self.fused_adapter = (make_adapter(self.fused_in, teacher_cfg.bev_encoder_channels, distill.adapter)
                               if self.use_fused else None)
+        self.kd_scale = 1.0     # the trainer sets it each step (DistillConfig.kd_until)
 
     @property
     def needs_teacher(self) -> bool:
@@ -171,13 +172,13 @@ class IMKDCriterion(nn.Module):
                                                    teacher["lidar_intensity"],
                                                    out["radar_occupancy"], d.lambda_on, d.lambda_off,
                                                    d.feature_norm)
-            weights["radar_kd"] = d.w_radar
+            weights["radar_kd"] = d.w_radar * self.kd_scale
         if self.use_fused:
             terms["fused_kd"] = fused_distill_loss(self.fused_adapter(out[self.fused_key][:, :self.fused_in]), teacher["feature"],
                                                    batch["heatmap"], d.heatmap_eps, d.feature_norm)
-            weights["fused_kd"] = d.w_fused
+            weights["fused_kd"] = d.w_fused * self.kd_scale
         if self.use_resp:
             terms["resp_kd"] = response_distill_loss(out["heatmap"], teacher["heatmap"])
-            weights["resp_kd"] = d.w_resp
+            weights["resp_kd"] = d.w_resp * self.kd_scale
         terms["total"] = sum(weights[k] * v for k, v in terms.items())
         return terms

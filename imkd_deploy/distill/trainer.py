@@ -68,6 +68,19 @@ def lr_factor(step: int, cfg) -> float:
     return 0.1 ** sum(progress >= m for m in (2 / 3, 8 / 9))
 
 
+def kd_factor(step: int, max_steps: int, kd_until: float | None) -> float:
+    """Scale of the distillation weights: 1 throughout, or a cosine from 1 to 0 at kd_until of the run.
+
+    The teacher's features help early, while the student learns what to look at; late in
+    training they pull it toward the teacher's weaknesses (its orientation is worse than
+    the student's), so the student can finish on the ground truth alone.
+    """
+    if kd_until is None:
+        return 1.0
+    progress = step / max(1.0, kd_until * max_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if progress < 1.0 else 0.0
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -273,7 +286,8 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
         model = step_module
         if world > 1:
             model = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        use_amp = tc.amp == "bf16" or (tc.amp == "auto" and device.type == "cuda")
+        amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
         end = tc.max_steps if stop_after is None else min(tc.max_steps, stop_after)
 
         def save(step: int) -> None:
@@ -296,6 +310,7 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
                 lr = tc.lr * lr_factor(step, tc)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                criterion.kd_scale = kd_factor(step, tc.max_steps, criterion.distill.kd_until)
                 model.train()
                 with torch.no_grad(), amp:
                     teacher_out = (teacher.forward_train(*teacher_args(batch, device),
@@ -313,6 +328,7 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
                     dist.all_reduce(values)
                     values /= world
                 record = {"step": step + 1, "lr": lr, **dict(zip(terms, values.tolist())), "grad_norm": float(grad_norm),
+                          **({"kd_scale": criterion.kd_scale} if criterion.distill.kd_until is not None else {}),
                           "elapsed_s": round(time.perf_counter() - t0, 3)}
                 if rank == 0:
                     if (step + 1) % tc.log_every == 0 or step + 1 == end:

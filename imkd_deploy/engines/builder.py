@@ -42,7 +42,7 @@ class BuildSettings:
     workspace_mb: int = 1024                      # builder scratch memory limit
     profiles: dict[str, Profile] = field(default_factory=dict)   # input -> (min, opt, max)
     timing_cache: Path | None = None              # shared between builds; full TensorRT only
-    compute_capabilities: tuple[str, ...] = ()    # RTX targets, e.g. ("8.6",); () = flavour default
+    compute_capabilities: tuple[str, ...] = ()    # RTX targets, e.g. ("8.6",) or ("current",); () = flavour default
     optimization_level: int = 3                   # builder_optimization_level, 0..5
     precision: str | None = None                  # what the ONNX carries; None = read its metadata
     calibration_set: Path | None = None           # the INT8 set, recorded for the rebuild command
@@ -339,13 +339,24 @@ def _set_compute_capabilities(trt: TensorRT, config, wanted: tuple[str, ...]) ->
     if not wanted:
         return RTX_DEFAULT_TARGETS
     enum = trt.module.ComputeCapability
+    supported = trt.rtx_compute_capabilities()
+    if "current" in wanted:
+        from imkd_deploy.engines.sidecar import current_compute_capability
+
+        if len(wanted) > 1:
+            raise UserError("compute capability 'current' cannot be combined with named targets")
+        cc = current_compute_capability()
+        if cc is None:
+            raise UserError("compute capability 'current' needs a visible CUDA GPU at build time (none here); "
+                            "name the target GPU's compute capability instead, e.g. --compute-capability 8.6")
+        wanted = (cc,)
     members = []
     for cc in wanted:
-        member = getattr(enum, "SM" + cc.replace(".", ""), None)
-        if member is None:
-            valid = sorted(f"{m[2:-1]}.{m[-1]}" for m in enum.__members__ if m.startswith("SM"))
-            raise UserError(f"{trt.backend} {trt.version} cannot target compute capability {cc} (valid: {', '.join(valid)})")
-        members.append(member)
+        if cc not in supported:
+            raise UserError(f"{trt.backend} {trt.version} cannot target compute capability {cc} (valid: {', '.join(supported)})"
+                            + ("; its engines do not run on Hopper data-center GPUs (H100/H200): build there with "
+                               "--backend tensorrt (NVIDIA TensorRT)" if cc.startswith("9.") else ""))
+        members.append(getattr(enum, "SM" + cc.replace(".", "")))
     config.num_compute_capabilities = len(members)
     for i, member in enumerate(members):
         config.set_compute_capability(member, i)

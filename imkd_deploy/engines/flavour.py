@@ -51,6 +51,14 @@ class TensorRT:
     def builds_without_gpu(self) -> bool:
         return self.is_rtx
 
+    def rtx_compute_capabilities(self) -> tuple[str, ...]:
+        """The compute capabilities this RTX release can target and run on, e.g. ("7.5", "8.0", ...).
+
+        Only those it names: 1.7 builds for a Hopper GPU (9.0) with its CURRENT target, but its
+        runtime then refuses the engine (seen on an H100; README, "Deploying on a GPU")."""
+        named = [m[2:] for m in self.module.ComputeCapability.__members__ if m.startswith("SM")]   # "SM86" -> "86"
+        return tuple(f"{v[:-1]}.{v[-1]}" for v in sorted(named, key=int))
+
     def network_flags(self) -> int:
         """Strongly typed network: precision comes from the ONNX (Q/DQ, fp16 tensors), never flags.
 

@@ -46,6 +46,7 @@ from onnxscript import opset18 as op
 
 from imkd_deploy.config import ModelConfig
 from imkd_deploy.errors import UserError
+from imkd_deploy.ops._amp import fp32_under_autocast
 from imkd_deploy.ops._onnx_common import IMKD_OPSET, PLUGIN_NAMESPACE, PLUGIN_VERSION, check_mode
 
 # ---------------------------------------------------------------------------------------
@@ -432,6 +433,7 @@ def _bev_pool_backward(ctx, grad_out):
 
 
 _bev_pool_op.register_autograd(_bev_pool_backward, setup_context=_bev_pool_setup_context)
+fp32_under_autocast("imkd::bev_pool")
 
 
 def bev_pool(

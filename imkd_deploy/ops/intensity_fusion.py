@@ -25,6 +25,7 @@ from onnxscript import FLOAT, script
 from onnxscript import opset18 as op
 from torch import nn
 
+from imkd_deploy.ops._amp import fp32_under_autocast
 from imkd_deploy.ops._onnx_common import IMKD_OPSET, PLUGIN_NAMESPACE, PLUGIN_VERSION, check_mode
 
 # ---------------------------------------------------------------------------------------
@@ -108,6 +109,7 @@ def _backward(ctx, grad_out):
 
 
 _intensity_fusion_op.register_autograd(_backward, setup_context=_setup_context)
+fp32_under_autocast("imkd::intensity_fusion")
 
 
 def intensity_fusion(

@@ -38,9 +38,13 @@ class TorchBackend:
         self._torch = torch
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Path, device: str = "cpu") -> "TorchBackend":
+    def from_checkpoint(cls, checkpoint: Path, device: str | None = None) -> "TorchBackend":
+        """``device`` None: CUDA when a GPU is visible (as `imkd eval --checkpoint` decodes), else the CPU."""
+        import torch
+
         from imkd_deploy.distill.checkpoint import load_model
 
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, ckpt = load_model(checkpoint, device)
         if ckpt.role != "student":
             raise UserError(f"{checkpoint} holds a {ckpt.role}; inference runs the camera+radar student")

@@ -253,6 +253,13 @@ def check_engine_loadable(engine_path: Path, sidecar: EngineSidecar, trt: Tensor
             f"{engine_path}: no CUDA driver/GPU ({gpu.problem}): TensorRT engines run on NVIDIA GPUs; "
             f"use the .onnx with onnxruntime here (this engine was built from {sidecar.onnx})"
         )
+    if builds_match and trt.is_rtx and gpu.compute_capability not in trt.rtx_compute_capabilities():
+        # no rebuild helps: the RTX runtime refuses every engine on such a GPU (an H100, 9.0, does)
+        raise CompatibilityError(
+            f"{engine_path}: {trt.backend} {trt.version} does not run on this GPU (compute capability "
+            f"{gpu.compute_capability}; it runs on {', '.join(trt.rtx_compute_capabilities())}). Build the engine "
+            f"with NVIDIA TensorRT on this machine (--backend tensorrt), or run {sidecar.onnx} with onnxruntime"
+        )
     check_compatibility(sidecar, RuntimeInfo(trt.backend, trt.version, gpu.compute_capability), engine_path)
     if file_sha256(engine_path) != sidecar.engine_sha256:
         raise CompatibilityError(

@@ -104,7 +104,8 @@ def test_calibration_session_runs_imkd_ops(tmp_path):
                                            helper.make_tensor_value_info("inten", TensorProto.FLOAT, shp(1))],
                               [helper.make_tensor_value_info("fused", TensorProto.FLOAT, shp(co))], inits,
                               value_info=[helper.make_tensor_value_info("cam_f", TensorProto.FLOAT, shp(cc))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("imkd", 1)])
+    # IR 10 is what ONNX Runtime >= 1.20 loads; a newer onnx would stamp its own latest IR (seen: 14 vs ORT 1.30's 13)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("imkd", 1)], ir_version=10)
     src = tmp_path / "fusion.onnx"
     onnx.save(model, src)
     feeds = [{"cam": rng.standard_normal(shp(cc)).astype(np.float32), "radar": rng.standard_normal(shp(cr)).astype(np.float32),

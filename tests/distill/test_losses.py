@@ -87,6 +87,12 @@ def test_criterion_distillation_terms_vanish_when_adapted_student_equals_teacher
     terms2 = crit(student2, batch, teacher)
     assert min(terms2["radar_kd"], terms2["fused_kd"], terms2["resp_kd"]) > 0
     assert float(terms2["total"].detach()) == pytest.approx(float(sum(terms2[k].detach() for k in terms2 if k != "total")), rel=1e-6)
+    # kd_scale (DistillConfig.kd_until's schedule) scales the distillation terms in the total, only them
+    kd = float(sum(terms2[k].detach() for k in ("radar_kd", "fused_kd", "resp_kd")))
+    crit.kd_scale = 0.25
+    terms3 = crit(student2, batch, teacher)
+    assert float(terms3["total"].detach()) == pytest.approx(float(terms2["total"].detach()) - 0.75 * kd, rel=1e-6)
+    assert float(terms3["radar_kd"]) == pytest.approx(float(terms2["radar_kd"]))       # logged unscaled
 
 
 def test_feature_norm_ignores_scale_and_offset_of_either_side():

@@ -13,9 +13,9 @@ import torch
 import torch.multiprocessing as mp
 
 from fake_frames import fake_frames
-from imkd_deploy.config import BEVGrid, DistillConfig, RunConfig, TrainConfig, tiny
+from imkd_deploy.config import BEVGrid, ConfigError, DistillConfig, RunConfig, TrainConfig, tiny
 from imkd_deploy.distill.checkpoint import load_checkpoint, load_model, save_checkpoint
-from imkd_deploy.distill.trainer import fit, lr_factor, train
+from imkd_deploy.distill.trainer import fit, kd_factor, lr_factor, train
 from imkd_deploy.errors import UserError
 from imkd_deploy.export.metadata import file_sha256
 from imkd_deploy.model.build import build_student
@@ -55,6 +55,41 @@ def test_lr_schedule():
     assert lr_factor(55, tc) == pytest.approx(0.5) and lr_factor(100, tc) == pytest.approx(0.0, abs=1e-12)
     st = TrainConfig(max_steps=100, warmup_steps=10, schedule="step")
     assert [lr_factor(s, st) for s in (20, 80, 99)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+def test_kd_schedule():
+    assert [kd_factor(s, 100, None) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert [kd_factor(s, 100, 0.5) for s in (0, 25, 50, 99)] == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-12)
+    assert kd_factor(50, 100, 1.0) == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="kd_until"):
+        DistillConfig(kd_until=1.5).validate()
+    with pytest.raises(ConfigError, match="kd_until"):
+        DistillConfig(kd_until="late").validate()
+
+
+def test_kd_until_fades_distillation_out_of_the_total(tmp_path, frames, teacher_ckpt):
+    torch.set_num_threads(1)
+    rc = run_cfg("all")
+    rc = rc.replace(distill=rc.distill.replace(kd_until=0.5).to_dict())
+    fit(rc, None, tmp_path, teacher_ckpt, role="student", frames=frames, progress=False)
+    m = metrics(tmp_path)
+    assert [r["kd_scale"] for r in m] == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-12)
+    for r in m:
+        kd = r["radar_kd"] + r["fused_kd"]
+        assert kd > 0 and r["total"] == pytest.approx(r["heatmap"] + r["reg"] + r["depth"] + r["kd_scale"] * kd, rel=1e-5)
+
+
+def test_student_trains_under_bf16_autocast(tmp_path, frames, teacher_ckpt):
+    """CUDA runs train under bf16 autocast (amp=auto); amp=bf16 takes the same op paths on a CPU, so
+    a custom op that mixes bf16 activations with fp32 parameters fails here, not on the GPU."""
+    torch.set_num_threads(1)
+    rc = run_cfg("all", amp="bf16")
+    result = fit(rc, None, tmp_path, teacher_ckpt, role="student", frames=frames, progress=False)
+    m = metrics(tmp_path)
+    assert [r["step"] for r in m] == [1, 2, 3, 4] and all(np.isfinite(r["total"]) and r["grad_norm"] > 0 for r in m)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in result.net.parameters())
+    with pytest.raises(ConfigError, match="TrainConfig.amp"):
+        TrainConfig(amp="fp8").validate()
 
 
 def test_checkpoint_round_trip(tmp_path):

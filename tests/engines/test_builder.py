@@ -57,8 +57,10 @@ def test_bad_settings_are_caught_up_front(small_onnx, int8_onnx, tmp_path):
         build_engine(small_onnx, tmp_path / "a.engine", BuildSettings(profiles={"img": ((1, 3, 8, 8),) * 3}))
     with pytest.raises(UserError, match="inputs that small.onnx does not have"):
         build_engine(small_onnx, tmp_path / "a.engine", BuildSettings(profiles={"image": ((1, 3, 32, 32),) * 3}))
-    with pytest.raises(UserError, match="cannot target compute capability 9.0"):
+    with pytest.raises(UserError, match=r"cannot target compute capability 9.0 \(valid: 7.5, 8.0, .*Hopper.*--backend tensorrt"):
         build_engine(small_onnx, tmp_path / "a.engine", BuildSettings(profiles=PROFILE, compute_capabilities=("9.0",)))
+    with pytest.raises(UserError, match="'current' cannot be combined with named targets"):
+        build_engine(small_onnx, tmp_path / "a.engine", BuildSettings(profiles=PROFILE, compute_capabilities=("current", "8.6")))
     with pytest.raises(UserError, match="is a fp32 model but precision int8"):
         build_engine(small_onnx, tmp_path / "a.engine", BuildSettings(profiles=PROFILE, precision="int8"))
     with pytest.raises(UserError, match="min <= opt <= max"):
@@ -101,3 +103,29 @@ def test_rtx_refuses_plugin_nodes_instead_of_aborting(tmp_path):
     with pytest.raises(UserError, match=r"imkd::Widget.*cannot build plugin layers.*--ops tensorrt"):
         build_engine(_plugin_model(tmp_path / "p.onnx"), tmp_path / "p.engine")
     assert not (tmp_path / "p.engine").exists()
+
+
+def test_current_target_needs_a_visible_gpu(small_onnx, tmp_path):
+    from imkd_deploy.engines.sidecar import current_compute_capability
+
+    if current_compute_capability() is not None:
+        pytest.skip("checks the no-GPU message; this machine has a GPU (the GPU form is in tests/runtime)")
+    with pytest.raises(UserError, match="'current' needs a visible CUDA GPU at build time .* --compute-capability 8.6"):
+        build_engine(small_onnx, tmp_path / "a.engine", BuildSettings(profiles=PROFILE, compute_capabilities=("current",)))
+    assert not list(tmp_path.glob("a.engine*"))
+
+
+def test_cli_error_keeps_the_install_extra(small_onnx, tmp_path):
+    """rich reads [tensorrt] as markup: an unescaped message told users to pip install imkd-deploy."""
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from imkd_deploy.cli import app
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("NVIDIA TensorRT is installed here, so the missing-flavour error does not arise")
+    result = CliRunner().invoke(app, ["build-engine", "--model", str(small_onnx), "--backend", "tensorrt",
+                                      "--out", str(tmp_path / "a.engine")])
+    assert result.exit_code == 2
+    assert "pip install 'imkd-deploy[tensorrt]'" in result.output.replace("\n", " ")

@@ -216,3 +216,21 @@ def test_low_precision_inputs_accumulate_in_fp32_and_keep_their_dtype():
     mixed.sum().backward()
     assert d16.grad.dtype == torch.bfloat16 and f32.grad.dtype == torch.float32
     assert d16.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+def test_bev_pool_on_cuda_matches_the_cpu_reference():
+    """The op on CUDA tensors (cuSPARSE CSR product), as the TensorRT plugin's enqueue runs it."""
+    from imkd_deploy.ops.bev_pool import bev_pool_into
+
+    cfg = tiny()
+    geom = compute_geometry(*example_rig(cfg), cfg)
+    g = torch.Generator().manual_seed(0)
+    fh, fw = cfg.feature_size
+    depth = torch.rand(1, cfg.num_cams, cfg.num_depth_bins, fh, fw, generator=g).softmax(2)
+    feat = torch.randn(1, cfg.num_cams, fh, fw, cfg.context_channels, generator=g)
+    ny, nx = geom.bev_hw
+    ref = bev_pool_reference(depth, feat, *geom.to_torch(), ny, nx)
+    out = torch.full((1, cfg.context_channels, ny, nx), float("nan"), device="cuda")
+    bev_pool_into(depth.cuda(), feat.cuda(), *geom.to_torch("cuda"), out, ny, nx)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
