@@ -64,7 +64,7 @@ def main() -> None:
                                        "network_p50_ms": summary.latency_ms["network"]["p50"],
                                        "size_mb": model.stat().st_size / 1e6, "seconds": time.perf_counter() - t0}
     # per-output errors against torch FP32 on 8 val frames
-    torch_be = TorchBackend.from_checkpoint(args.checkpoint)
+    torch_be = TorchBackend.from_checkpoint(args.checkpoint, device="cpu")    # the FP32 reference: no TF32
     drive = NuScenesDrive(args.dataroot, VERSION, torch_be.config, split="mini_val")
     picks = np.unique(np.linspace(0, len(drive) - 1, 8).round().astype(int))
     feeds = [preprocess(drive[int(i)], torch_be.config).inputs for i in picks]
