@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -61,3 +63,18 @@ def random_student_checkpoint(tmp_path_factory):
 
 # the toy conv net (and its INT8 copy) shared by tests/calibration and tests/engines
 from small_net import calib_feeds, int8_onnx, small_onnx  # noqa: E402,F401
+
+
+@pytest.fixture
+def in_own_process(request) -> bool:
+    """Run the requesting test again in a fresh interpreter: True there, False here (return then).
+
+    CPU bf16 autocast leaves process-wide state behind that moves later FP32 results: with the
+    autocast tests in the same process, the ORT-vs-torch parity gate failed (max abs 6e-3)."""
+    if os.environ.get("IMKD_IN_OWN_PROCESS") == "1":
+        return True
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                       cwd=request.config.rootpath, env={**os.environ, "IMKD_IN_OWN_PROCESS": "1"},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    return False
