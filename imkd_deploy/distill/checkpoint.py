@@ -86,6 +86,12 @@ def load_train_state(path: Path) -> dict:
     return torch.load(sp, map_location="cpu", weights_only=True)
 
 
+def default_device() -> str:
+    """Where a checkpoint's model decodes by default (`imkd eval`, `imkd infer`): CUDA when a GPU
+    is visible, else the CPU. FP32 parity references pass "cpu" explicitly (CUDA runs TF32)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_model(path: Path, device: str | torch.device = "cpu"):
     """Rebuild the network stored in a checkpoint, weights loaded, in eval mode."""
     from imkd_deploy.model.build import build_model

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from imkd_deploy.distill.checkpoint import load_model
+from imkd_deploy.distill.checkpoint import default_device, load_model
 from imkd_deploy.distill.dataset import collate, student_args, teacher_args
 from imkd_deploy.model.pillars import LIDAR_SPEC, pillarise
 from imkd_deploy.runtime.boxes import DEFAULT_META, submission_entries, write_submission
@@ -30,7 +30,7 @@ def predict_split(checkpoint: str | Path, dataroot: str | Path, version: str, sp
     (``<ckpt>_<split>_results.json``, or ``out``) and return its path."""
     from imkd_deploy.data.loader import NuScenesDrive
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(default_device())
     model, ckpt = load_model(Path(checkpoint), device)
     cfg = ckpt.run_config.model
     teacher = ckpt.role == "teacher"

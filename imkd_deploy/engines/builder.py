@@ -331,9 +331,9 @@ def resolve_precision(onnx_path: Path, wanted: str | None) -> str:
 
 def _set_compute_capabilities(trt: TensorRT, config, wanted: tuple[str, ...]) -> tuple[str, ...]:
     """RTX: the explicit targets (or its documented default set). Full TensorRT: the build GPU."""
-    if not trt.is_rtx:
-        from imkd_deploy.engines.sidecar import current_compute_capability
+    from imkd_deploy.engines.sidecar import current_compute_capability
 
+    if not trt.is_rtx:
         cc = current_compute_capability()
         return (cc,) if cc else ("unknown",)
     if not wanted:
@@ -341,8 +341,6 @@ def _set_compute_capabilities(trt: TensorRT, config, wanted: tuple[str, ...]) ->
     enum = trt.module.ComputeCapability
     supported = trt.rtx_compute_capabilities()
     if "current" in wanted:
-        from imkd_deploy.engines.sidecar import current_compute_capability
-
         if len(wanted) > 1:
             raise UserError("compute capability 'current' cannot be combined with named targets")
         cc = current_compute_capability()

@@ -39,12 +39,10 @@ class TorchBackend:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path, device: str | None = None) -> "TorchBackend":
-        """``device`` None: CUDA when a GPU is visible (as `imkd eval --checkpoint` decodes), else the CPU."""
-        import torch
+        """``device`` None: distill.checkpoint.default_device(), as `imkd eval --checkpoint` decodes."""
+        from imkd_deploy.distill.checkpoint import default_device, load_model
 
-        from imkd_deploy.distill.checkpoint import load_model
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         model, ckpt = load_model(checkpoint, device)
         if ckpt.role != "student":
             raise UserError(f"{checkpoint} holds a {ckpt.role}; inference runs the camera+radar student")
