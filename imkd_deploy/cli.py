@@ -41,8 +41,9 @@ app.add_typer(data_app, name="data")
 
 
 def _fail(exc: Exception) -> None:
-    # escape: messages quote install extras such as imkd-deploy[rtx], which rich would eat as markup
-    console.print(f"[bold red]error:[/] {escape(str(exc))}")
+    # escape: messages quote install extras such as imkd-deploy[rtx], which rich would eat as markup;
+    # soft_wrap: a message names files, and rich's hard wrap at 80 columns would break a path in two
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -216,7 +216,8 @@ class DistillConfig(_Serializable):
     feature_norm: bool = False   # standardise each channel (per sample, over BEV) before the feature MSE
     kd_channels: float = 1.0     # share of the student's channels the level-1/2 adapters read; the rest stay free
     adapter: str = "linear"      # level-1/2 adapters: "linear" (1x1 conv) | "conv" (3x3 conv-BN-ReLU, then 1x1)
-    kd_until: float | None = None  # None: constant KD weights; a share s of the run: they fall (cosine) to 0 at s*max_steps
+    kd_until: float | None = None  # None: constant level-1/2 weights; a share s of the run: they fall (cosine) to 0 at s*max_steps
+    resp_until: float | None = None  # the same schedule for w_resp, on its own
 
     def enabled(self, level: str) -> bool:
         parts = set(self.levels.split("+"))
@@ -237,9 +238,10 @@ class DistillConfig(_Serializable):
             raise ConfigError(f"DistillConfig.adapter: '{self.adapter}' (linear|conv)")
         if not 0.0 < self.kd_channels <= 1.0:
             raise ConfigError(f"DistillConfig.kd_channels: {self.kd_channels} (a share in (0, 1])")
-        if self.kd_until is not None and (isinstance(self.kd_until, bool) or not isinstance(self.kd_until, (int, float))
-                                          or not 0.0 < self.kd_until <= 1.0):
-            raise ConfigError(f"DistillConfig.kd_until: {self.kd_until} (None, or a share of the run in (0, 1])")
+        for name in ("kd_until", "resp_until"):
+            share = getattr(self, name)
+            if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0):
+                raise ConfigError(f"DistillConfig.{name}: {share} (None, or a share of the run in (0, 1])")
 
 
 @dataclass

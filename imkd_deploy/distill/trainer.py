@@ -311,6 +311,7 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 criterion.kd_scale = kd_factor(step, tc.max_steps, criterion.distill.kd_until)
+                criterion.resp_scale = kd_factor(step, tc.max_steps, criterion.distill.resp_until)
                 model.train()
                 with torch.no_grad(), amp:
                     teacher_out = (teacher.forward_train(*teacher_args(batch, device),
@@ -329,6 +330,7 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
                     values /= world
                 record = {"step": step + 1, "lr": lr, **dict(zip(terms, values.tolist())), "grad_norm": float(grad_norm),
                           **({"kd_scale": criterion.kd_scale} if criterion.distill.kd_until is not None else {}),
+                          **({"resp_scale": criterion.resp_scale} if criterion.distill.resp_until is not None else {}),
                           "elapsed_s": round(time.perf_counter() - t0, 3)}
                 if rank == 0:
                     if (step + 1) % tc.log_every == 0 or step + 1 == end:

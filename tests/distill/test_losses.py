@@ -51,8 +51,25 @@ def test_distillation_losses_nonnegative_and_zero_at_equality():
     assert fused_distill_loss(student, teacher, heat, 0.05) > 0
     assert fused_distill_loss(teacher, teacher, heat, 0.05) == 0
     logits_s, logits_t = r(B, 10, NY, NX), r(B, 10, NY, NX)
-    assert response_distill_loss(logits_s, logits_t) > 0
-    assert response_distill_loss(logits_t, logits_t) == 0
+    assert response_distill_loss(logits_s, logits_t, 3) > 0
+    assert response_distill_loss(logits_t, logits_t, 3) == 0
+
+
+def test_response_distill_is_focal_weighted_kl_per_gt_centre():
+    t = torch.tensor([2.0, -4.0, 0.0]).view(1, 1, 1, 3)     # teacher logits
+    s = torch.tensor([0.0, -4.0, 1.0]).view(1, 1, 1, 3)     # the second cell agrees: no loss there
+    pt, ps = torch.sigmoid(t), torch.sigmoid(s)
+    kl = pt * torch.log(pt / ps) + (1 - pt) * torch.log((1 - pt) / (1 - ps))
+    expected = float(((pt - ps).abs() ** 2 * kl).sum()) / 2
+    assert float(response_distill_loss(s, t, torch.tensor(2))) == pytest.approx(expected, rel=1e-5)
+    # normalised by GT centres like the focal loss: twice the centres, half the term; none counts as one
+    assert float(response_distill_loss(s, t, 4)) == pytest.approx(expected / 2, rel=1e-5)
+    assert float(response_distill_loss(s, t, 0)) == pytest.approx(expected * 2, rel=1e-5)
+    # the focal weight is detached: the gradient is the weighted KL's, not the weight's
+    s_req = s.clone().requires_grad_(True)
+    response_distill_loss(s_req, t, 1).backward()
+    w = (pt - ps).abs() ** 2
+    assert torch.allclose(s_req.grad, w * (ps - pt), atol=1e-6)
 
 
 def test_radar_distill_weights_follow_lidar_intensity_and_radar_hits():
@@ -87,12 +104,16 @@ def test_criterion_distillation_terms_vanish_when_adapted_student_equals_teacher
     terms2 = crit(student2, batch, teacher)
     assert min(terms2["radar_kd"], terms2["fused_kd"], terms2["resp_kd"]) > 0
     assert float(terms2["total"].detach()) == pytest.approx(float(sum(terms2[k].detach() for k in terms2 if k != "total")), rel=1e-6)
-    # kd_scale (DistillConfig.kd_until's schedule) scales the distillation terms in the total, only them
-    kd = float(sum(terms2[k].detach() for k in ("radar_kd", "fused_kd", "resp_kd")))
+    # kd_scale (DistillConfig.kd_until's schedule) scales the level-1/2 terms in the total, only them
+    kd = float(sum(terms2[k].detach() for k in ("radar_kd", "fused_kd")))
     crit.kd_scale = 0.25
     terms3 = crit(student2, batch, teacher)
     assert float(terms3["total"].detach()) == pytest.approx(float(terms2["total"].detach()) - 0.75 * kd, rel=1e-6)
     assert float(terms3["radar_kd"]) == pytest.approx(float(terms2["radar_kd"]))       # logged unscaled
+    # resp_scale (DistillConfig.resp_until's schedule) scales the response term alone
+    crit.kd_scale, crit.resp_scale = 1.0, 0.0
+    terms4 = crit(student2, batch, teacher)
+    assert float(terms4["total"].detach()) == pytest.approx(float(terms2["total"].detach() - terms2["resp_kd"].detach()), rel=1e-6)
 
 
 def test_feature_norm_ignores_scale_and_offset_of_either_side():

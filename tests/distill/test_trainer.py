@@ -65,18 +65,23 @@ def test_kd_schedule():
         DistillConfig(kd_until=1.5).validate()
     with pytest.raises(ConfigError, match="kd_until"):
         DistillConfig(kd_until="late").validate()
+    with pytest.raises(ConfigError, match="resp_until"):
+        DistillConfig(resp_until=0.0).validate()
 
 
-def test_kd_until_fades_distillation_out_of_the_total(tmp_path, frames, teacher_ckpt):
+def test_kd_and_resp_schedules_fade_distillation_in_the_total(tmp_path, frames, teacher_ckpt):
     torch.set_num_threads(1)
     rc = run_cfg("all")
-    rc = rc.replace(distill=rc.distill.replace(kd_until=0.5).to_dict())
+    rc = rc.replace(distill=rc.distill.replace(kd_until=0.5, w_resp=1.0, resp_until=1.0).to_dict())
     fit(rc, None, tmp_path, teacher_ckpt, role="student", frames=frames, progress=False)
     m = metrics(tmp_path)
     assert [r["kd_scale"] for r in m] == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-12)
+    assert [r["resp_scale"] for r in m] == pytest.approx([1.0, 0.5 + 0.5 ** 1.5, 0.5, 0.5 - 0.5 ** 1.5], abs=1e-12)
     for r in m:
         kd = r["radar_kd"] + r["fused_kd"]
-        assert kd > 0 and r["total"] == pytest.approx(r["heatmap"] + r["reg"] + r["depth"] + r["kd_scale"] * kd, rel=1e-5)
+        assert kd > 0 and r["resp_kd"] > 0
+        assert r["total"] == pytest.approx(r["heatmap"] + r["reg"] + r["depth"] + r["kd_scale"] * kd
+                                           + r["resp_scale"] * r["resp_kd"], rel=1e-5)
 
 
 def test_student_trains_under_bf16_autocast(in_own_process, tmp_path, frames, teacher_ckpt):
