@@ -35,7 +35,13 @@ def gaussian_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float
     pos = target.eq(1.0).float()
     pos_loss = F.logsigmoid(logits) * (1 - pred).pow(alpha) * pos
     neg_loss = F.logsigmoid(-logits) * pred.pow(alpha) * (1 - target).pow(beta) * (1 - pos)
-    return -(pos_loss.sum() + neg_loss.sum()) / pos.sum().clamp_min(1.0)
+    return -(pos_loss.sum() + neg_loss.sum()) / centre_count(target)
+
+
+def centre_count(target: torch.Tensor) -> torch.Tensor:
+    """GT centres (cells at exactly 1) in a Gaussian heatmap target, at least 1: the heatmap
+    losses' normaliser."""
+    return target.eq(1.0).sum().float().clamp_min(1.0)
 
 
 def gather_regression(out: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
@@ -126,8 +132,7 @@ def response_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Te
     p_t = torch.sigmoid(t)
     kl = p_t * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p_t) * (F.logsigmoid(-t) - F.logsigmoid(-s))
     w = (p_t - torch.sigmoid(s)).abs().pow(gamma).detach()
-    n = num_centres.clamp_min(1.0) if torch.is_tensor(num_centres) else max(1.0, float(num_centres))
-    return (w * kl).sum() / n
+    return (w * kl).sum() / torch.as_tensor(num_centres, dtype=torch.float32).clamp_min(1.0)
 
 
 def make_adapter(c_in: int, c_out: int, kind: str) -> nn.Module:
@@ -190,7 +195,7 @@ class IMKDCriterion(nn.Module):
                                                    batch["heatmap"], d.heatmap_eps, d.feature_norm)
             weights["fused_kd"] = d.w_fused * self.kd_scale
         if self.use_resp:
-            terms["resp_kd"] = response_distill_loss(out["heatmap"], teacher["heatmap"], batch["heatmap"].eq(1.0).sum())
+            terms["resp_kd"] = response_distill_loss(out["heatmap"], teacher["heatmap"], centre_count(batch["heatmap"]))
             weights["resp_kd"] = d.w_resp * self.resp_scale
         terms["total"] = sum(weights[k] * v for k, v in terms.items())
         return terms
