@@ -22,7 +22,7 @@ same as in a round at other weights and can be reused. Runs are kept under ``WOR
 and a finished run is not retrained (its metrics are re-read), so an interrupted ablation
 continues where it stopped; a run directory trained with another config is trained afresh.
 ``--set KEY=VALUE`` sets any DistillConfig field for every student (e.g. ``fused_at=encoder``,
-``lidar_weight=structure``, ``w_resp=1`` with the ``resp`` variant). ``--teacher-seed`` keeps one
+``lidar_weight=structure``, ``w_resp=1`` or ``w_resp_reg=1`` with the ``resp`` variant). ``--teacher-seed`` keeps one
 teacher while ``--seed`` varies the students; ``benchmarks/distill_seeds.py`` then combines
 the per-seed result files into one table with paired differences. Results: ``OUT/NAME.json``
 and ``.md`` (written atomically); the table is also printed.
@@ -96,7 +96,7 @@ VARIANTS = {
     "none": Variant("none", "student", "none", note="camera+radar, detection + depth losses only"),
     "radar": Variant("radar", "student", "radar", note="+ level 1: LiDAR->radar, intensity-aware"),
     "fused": Variant("fused", "student", "fused", note="+ level 2: LiDAR->fused, intensity-guided"),
-    "resp": Variant("resp", "student", "resp", note="response distillation on the heatmaps only (needs --set w_resp=W)"),
+    "resp": Variant("resp", "student", "resp", note="response distillation only: heatmaps (--set w_resp=W), regression maps (--set w_resp_reg=W)"),
     "all": Variant("all", "student", "all", note="levels 1+2, intensity-gated fusion (level 3): IMKD"),
     "all-nofusion": Variant("all-nofusion", "student", "all", intensity_fusion=False,
                             note="levels 1+2, fusion gate without the radar intensity prior"),

@@ -207,6 +207,7 @@ class DistillConfig(_Serializable):
     w_radar: float = 1.0         # level 1: LiDAR -> radar, intensity-aware
     w_fused: float = 1.0         # level 2: LiDAR -> fused, intensity-guided
     w_resp: float = 0.0          # optional response distillation on heatmaps
+    w_resp_reg: float = 0.0      # ... and on the regression maps around GT centres (scale: the reg loss's)
     lambda_on: float = 1.0       # level-1 weight where radar hits a cell
     lambda_off: float = 0.2      # ... and where it does not
     heatmap_eps: float = 0.05    # level-2 floor on the GT heatmap weight
@@ -217,7 +218,7 @@ class DistillConfig(_Serializable):
     kd_channels: float = 1.0     # share of the student's channels the level-1/2 adapters read; the rest stay free
     adapter: str = "linear"      # level-1/2 adapters: "linear" (1x1 conv) | "conv" (3x3 conv-BN-ReLU, then 1x1)
     kd_until: float | None = None  # None: constant level-1/2 weights; a share s of the run: they fall (cosine) to 0 at s*max_steps
-    resp_until: float | None = None  # the same schedule for w_resp, on its own
+    resp_until: float | None = None  # the same schedule for w_resp and w_resp_reg, on its own
 
     def enabled(self, level: str) -> bool:
         parts = set(self.levels.split("+"))

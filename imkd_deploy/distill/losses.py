@@ -44,9 +44,14 @@ def centre_count(target: torch.Tensor) -> torch.Tensor:
     return target.eq(1.0).sum().float().clamp_min(1.0)
 
 
+def regression_maps(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head's regression maps stacked in HEAD_OUTPUTS order: (B, 10, ny, nx)."""
+    return torch.cat([out[k] for k in HEAD_OUTPUTS], dim=1).float()
+
+
 def gather_regression(out: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
     """Head maps -> (B, M, 10) predictions at flat cells ``index`` (B, M), HEAD_OUTPUTS order."""
-    maps = torch.cat([out[k] for k in HEAD_OUTPUTS], dim=1).float()
+    maps = regression_maps(out)
     b, c = maps.shape[:2]
     flat = maps.view(b, c, -1)
     return flat.gather(2, index[:, None, :].expand(b, c, index.shape[1])).transpose(1, 2)
@@ -135,6 +140,20 @@ def response_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Te
     return (w * kl).sum() / torch.as_tensor(num_centres, dtype=torch.float32).clamp_min(1.0)
 
 
+def response_regression_loss(student_out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor],
+                             gt_heatmap: torch.Tensor) -> torch.Tensor:
+    """L1 between the student's and the teacher's regression maps (CenterPoint's code weights),
+    weighted by the GT heatmap's Gaussian (max over classes) and divided by its sum.
+
+    The detection loss supervises regression only at the GT centre cell. The decode reads the
+    peak cell, which for a student is often a neighbour; there the teacher's outputs (its
+    velocity and localisation are far better than the student's) are the only target."""
+    w = gt_heatmap.amax(dim=1, keepdim=True).detach()
+    code = gt_heatmap.new_tensor(REG_CODE_WEIGHTS).view(1, -1, 1, 1)
+    err = ((regression_maps(student_out) - regression_maps(teacher_out).detach()).abs() * code).sum(dim=1, keepdim=True)
+    return (w * err).sum() / w.sum().clamp_min(EPS)
+
+
 def make_adapter(c_in: int, c_out: int, kind: str) -> nn.Module:
     """Student channels -> teacher channels. "conv" gives the adapter a 3x3 receptive field and
     a non-linearity, so it can absorb part of the radar/camera-to-LiDAR gap that a 1x1 map
@@ -158,6 +177,7 @@ class IMKDCriterion(nn.Module):
         self.use_radar = student and distill.enabled("radar") and distill.w_radar > 0
         self.use_fused = student and distill.enabled("fused") and distill.w_fused > 0
         self.use_resp = student and distill.enabled("resp") and distill.w_resp > 0
+        self.use_resp_reg = student and distill.enabled("resp") and distill.w_resp_reg > 0
         # kd_channels < 1: the adapters read only the first channels, so the rest carry what the
         # teacher lacks (radar Doppler: the LiDAR teacher's velocity is worse than the student's)
         # without being pulled toward the teacher's features.
@@ -173,7 +193,7 @@ class IMKDCriterion(nn.Module):
 
     @property
     def needs_teacher(self) -> bool:
-        return self.use_radar or self.use_fused or self.use_resp
+        return self.use_radar or self.use_fused or self.use_resp or self.use_resp_reg
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict, teacher: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         d = self.distill
@@ -197,5 +217,8 @@ class IMKDCriterion(nn.Module):
         if self.use_resp:
             terms["resp_kd"] = response_distill_loss(out["heatmap"], teacher["heatmap"], centre_count(batch["heatmap"]))
             weights["resp_kd"] = d.w_resp * self.resp_scale
+        if self.use_resp_reg:
+            terms["resp_reg_kd"] = REG_WEIGHT * response_regression_loss(out, teacher, batch["heatmap"])
+            weights["resp_reg_kd"] = d.w_resp_reg * self.resp_scale
         terms["total"] = sum(weights[k] * v for k, v in terms.items())
         return terms

@@ -13,8 +13,9 @@ from imkd_deploy.config import BEVGrid, ConfigError, DistillConfig, tiny
 from imkd_deploy.distill.dataset import training_sample
 from imkd_deploy.distill.depth_target import IGNORE, depth_bin_targets
 from imkd_deploy.distill.losses import (IMKDCriterion, depth_loss, fused_distill_loss, gaussian_focal_loss,
-                                        radar_distill_loss, regression_l1, response_distill_loss, weighted_feature_mse)
-from imkd_deploy.model.head import build_targets
+                                        radar_distill_loss, regression_l1, response_distill_loss,
+                                        response_regression_loss, weighted_feature_mse)
+from imkd_deploy.model.head import HEAD_OUTPUTS, build_targets
 from imkd_deploy.ops.bev_pool import example_rig
 
 B, NY, NX = 2, 16, 16
@@ -72,6 +73,28 @@ def test_response_distill_is_focal_weighted_kl_per_gt_centre():
     assert torch.allclose(s_req.grad, w * (ps - pt), atol=1e-6)
 
 
+def test_response_regression_distill_is_code_weighted_l1_over_the_gt_gaussian():
+    def maps(vel_x: float, size: float) -> dict:
+        out = {k: torch.zeros(1, c, 1, 3) for k, c in HEAD_OUTPUTS.items()}
+        out["vel"][0, 0] = vel_x
+        out["dims"][0, 0] = torch.tensor([0.0, size, 0.0])    # only the middle cell differs in size
+        return out
+    heat = torch.zeros(1, 10, 1, 3)
+    heat[0, 2] = torch.tensor([1.0, 0.5, 0.0])                # a centre, its neighbour, a cell outside
+    heat[0, 4, 0, 1] = 0.25                                   # another class: the max over classes counts
+    student, teacher = maps(1.0, 2.0), maps(0.0, 0.0)
+    # per cell: 0.2 * |vel| (velocity's code weight) + 1.0 * |dims|; weights 1, 0.5, 0
+    expected = (1.0 * 0.2 + 0.5 * (0.2 + 2.0)) / 1.5
+    assert float(response_regression_loss(student, teacher, heat)) == pytest.approx(expected, rel=1e-6)
+    assert float(response_regression_loss(teacher, teacher, heat)) == 0
+    # the teacher is a fixed target; no GT box anywhere gives zero, not NaN
+    student_req, teacher_req = ({k: v.clone().requires_grad_(True) for k, v in m.items()} for m in (student, teacher))
+    response_regression_loss(student_req, teacher_req, heat).backward()
+    assert all(v.grad is None for v in teacher_req.values())
+    assert float(student_req["vel"].grad[0, 0, 0, 1]) == pytest.approx(0.5 * 0.2 / 1.5)
+    assert float(response_regression_loss(student, teacher, torch.zeros_like(heat))) == 0
+
+
 def test_radar_distill_weights_follow_lidar_intensity_and_radar_hits():
     teacher = torch.zeros(1, 4, 1, 3)
     student = torch.ones(1, 4, 1, 3) * torch.tensor([1.0, 2.0, 3.0]).view(1, 1, 1, 3)   # squared errors 1, 4, 9
@@ -83,7 +106,7 @@ def test_radar_distill_weights_follow_lidar_intensity_and_radar_hits():
 
 def test_criterion_distillation_terms_vanish_when_adapted_student_equals_teacher():
     cfg = tiny().replace(radar_channels=8, lidar_channels=8, fused_channels=12, bev_encoder_channels=12)
-    crit = IMKDCriterion(cfg, DistillConfig(levels="all", w_resp=1.0), "student")
+    crit = IMKDCriterion(cfg, DistillConfig(levels="all", w_resp=1.0, w_resp_reg=1.0), "student")
     with torch.no_grad():   # identity adapters: "student equals teacher after the adapters"
         for adapter in (crit.radar_adapter, crit.fused_adapter):
             adapter.weight.copy_(torch.eye(adapter.weight.shape[0])[:, :, None, None])
@@ -95,14 +118,16 @@ def test_criterion_distillation_terms_vanish_when_adapted_student_equals_teacher
     teacher = dict(feats, lidar_intensity=torch.rand(1, 1, grid.ny, grid.nx))
     student = _student_out(r, grid, heatmap=feats["heatmap"], radar_bev=feats["lidar_bev"], fused=feats["feature"],
                            radar_occupancy=torch.zeros(1, 1, grid.ny, grid.nx))
+    teacher.update({k: student[k] for k in HEAD_OUTPUTS})
     terms = crit(student, batch, teacher)
-    assert terms["radar_kd"] == 0 and terms["fused_kd"] == 0 and terms["resp_kd"] == 0
+    assert terms["radar_kd"] == 0 and terms["fused_kd"] == 0 and terms["resp_kd"] == 0 and terms["resp_reg_kd"] == 0
     assert terms["depth"] == 0          # every depth cell ignored
     assert terms["heatmap"] > 0 and terms["reg"] > 0
     # a different student makes every distillation term positive
-    student2 = dict(student, radar_bev=r(1, 8, grid.ny, grid.nx), fused=r(1, 12, grid.ny, grid.nx), heatmap=r(1, 10, grid.ny, grid.nx))
+    student2 = dict(student, radar_bev=r(1, 8, grid.ny, grid.nx), fused=r(1, 12, grid.ny, grid.nx), heatmap=r(1, 10, grid.ny, grid.nx),
+                    vel=r(1, 2, grid.ny, grid.nx))
     terms2 = crit(student2, batch, teacher)
-    assert min(terms2["radar_kd"], terms2["fused_kd"], terms2["resp_kd"]) > 0
+    assert min(terms2["radar_kd"], terms2["fused_kd"], terms2["resp_kd"], terms2["resp_reg_kd"]) > 0
     assert float(terms2["total"].detach()) == pytest.approx(float(sum(terms2[k].detach() for k in terms2 if k != "total")), rel=1e-6)
     # kd_scale (DistillConfig.kd_until's schedule) scales the level-1/2 terms in the total, only them
     kd = float(sum(terms2[k].detach() for k in ("radar_kd", "fused_kd")))
@@ -110,10 +135,11 @@ def test_criterion_distillation_terms_vanish_when_adapted_student_equals_teacher
     terms3 = crit(student2, batch, teacher)
     assert float(terms3["total"].detach()) == pytest.approx(float(terms2["total"].detach()) - 0.75 * kd, rel=1e-6)
     assert float(terms3["radar_kd"]) == pytest.approx(float(terms2["radar_kd"]))       # logged unscaled
-    # resp_scale (DistillConfig.resp_until's schedule) scales the response term alone
+    # resp_scale (DistillConfig.resp_until's schedule) scales the two response terms alone
     crit.kd_scale, crit.resp_scale = 1.0, 0.0
     terms4 = crit(student2, batch, teacher)
-    assert float(terms4["total"].detach()) == pytest.approx(float(terms2["total"].detach() - terms2["resp_kd"].detach()), rel=1e-6)
+    resp = float(terms2["resp_kd"].detach() + terms2["resp_reg_kd"].detach())
+    assert float(terms4["total"].detach()) == pytest.approx(float(terms2["total"].detach()) - resp, rel=1e-6)
 
 
 def test_feature_norm_ignores_scale_and_offset_of_either_side():
