@@ -87,11 +87,12 @@ def test_response_regression_distill_is_code_weighted_l1_over_the_gt_gaussian():
     expected = (1.0 * 0.2 + 0.5 * (0.2 + 2.0)) / 1.5
     assert float(response_regression_loss(student, teacher, heat)) == pytest.approx(expected, rel=1e-6)
     assert float(response_regression_loss(teacher, teacher, heat)) == 0
-    # the teacher is a fixed target; no GT box anywhere gives zero, not NaN
+    # the teacher is a fixed target: gradients reach the student only
     student_req, teacher_req = ({k: v.clone().requires_grad_(True) for k, v in m.items()} for m in (student, teacher))
     response_regression_loss(student_req, teacher_req, heat).backward()
     assert all(v.grad is None for v in teacher_req.values())
     assert float(student_req["vel"].grad[0, 0, 0, 1]) == pytest.approx(0.5 * 0.2 / 1.5)
+    # a sample without any GT box gives zero, not NaN
     assert float(response_regression_loss(student, teacher, torch.zeros_like(heat))) == 0
 
 
