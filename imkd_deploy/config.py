@@ -219,6 +219,7 @@ class DistillConfig(_Serializable):
     adapter: str = "linear"      # level-1/2 adapters: "linear" (1x1 conv) | "conv" (3x3 conv-BN-ReLU, then 1x1)
     kd_until: float | None = None  # None: constant level-1/2 weights; a share s of the run: they fall (cosine) to 0 at s*max_steps
     resp_until: float | None = None  # the same schedule for w_resp and w_resp_reg, on its own
+    resp_reg_skip: str = ""      # head outputs the regression KD leaves out, "+"-separated (offset|height|dims|rot|vel)
 
     def enabled(self, level: str) -> bool:
         parts = set(self.levels.split("+"))
@@ -239,6 +240,10 @@ class DistillConfig(_Serializable):
             raise ConfigError(f"DistillConfig.adapter: '{self.adapter}' (linear|conv)")
         if not 0.0 < self.kd_channels <= 1.0:
             raise ConfigError(f"DistillConfig.kd_channels: {self.kd_channels} (a share in (0, 1])")
+        from imkd_deploy.model.head import HEAD_OUTPUTS   # here: the head module imports this one
+        unknown = sorted(set(self.resp_reg_skip.split("+")) - {""} - set(HEAD_OUTPUTS))
+        if unknown:
+            raise ConfigError(f"DistillConfig.resp_reg_skip: unknown head output(s) {unknown}; use {'|'.join(HEAD_OUTPUTS)}")
         for name in ("kd_until", "resp_until"):
             share = getattr(self, name)
             if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0):

@@ -140,16 +140,24 @@ def response_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Te
     return (w * kl).sum() / torch.as_tensor(num_centres, dtype=torch.float32).clamp_min(1.0)
 
 
+def kd_code_weights(skip: str = "") -> tuple[float, ...]:
+    """CenterPoint's code weights with the channels of the "+"-separated head outputs ``skip`` at 0."""
+    left_out = set(skip.split("+"))
+    names = [name for name, c in HEAD_OUTPUTS.items() for _ in range(c)]
+    return tuple(0.0 if name in left_out else w for name, w in zip(names, REG_CODE_WEIGHTS))
+
+
 def response_regression_loss(student_out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor],
-                             gt_heatmap: torch.Tensor) -> torch.Tensor:
+                             gt_heatmap: torch.Tensor, code_weights: tuple[float, ...] = REG_CODE_WEIGHTS) -> torch.Tensor:
     """L1 between the student's and the teacher's regression maps (CenterPoint's code weights),
     weighted by the GT heatmap's Gaussian (max over classes) and divided by its sum.
 
     The detection loss supervises regression only at the GT centre cell. The decode reads the
     peak cell, which for a student is often a neighbour; there the teacher's outputs (its
-    velocity and localisation are far better than the student's) are the only target."""
+    velocity and localisation are far better than the student's) are the only target.
+    ``code_weights`` (kd_code_weights) can leave out what the teacher does worse, such as heading."""
     w = gt_heatmap.amax(dim=1, keepdim=True).detach()
-    code = gt_heatmap.new_tensor(REG_CODE_WEIGHTS).view(1, -1, 1, 1)
+    code = gt_heatmap.new_tensor(code_weights).view(1, -1, 1, 1)
     err = ((regression_maps(student_out) - regression_maps(teacher_out).detach()).abs() * code).sum(dim=1, keepdim=True)
     return (w * err).sum() / w.sum().clamp_min(EPS)
 
@@ -178,6 +186,7 @@ class IMKDCriterion(nn.Module):
         self.use_fused = student and distill.enabled("fused") and distill.w_fused > 0
         self.use_resp = student and distill.enabled("resp") and distill.w_resp > 0
         self.use_resp_reg = student and distill.enabled("resp") and distill.w_resp_reg > 0
+        self.resp_reg_code = kd_code_weights(distill.resp_reg_skip)
         # kd_channels < 1: the adapters read only the first channels, so the rest carry what the
         # teacher lacks (radar Doppler: the LiDAR teacher's velocity is worse than the student's)
         # without being pulled toward the teacher's features.
@@ -218,7 +227,7 @@ class IMKDCriterion(nn.Module):
             terms["resp_kd"] = response_distill_loss(out["heatmap"], teacher["heatmap"], centre_count(batch["heatmap"]))
             weights["resp_kd"] = d.w_resp * self.resp_scale
         if self.use_resp_reg:
-            terms["resp_reg_kd"] = REG_WEIGHT * response_regression_loss(out, teacher, batch["heatmap"])
+            terms["resp_reg_kd"] = REG_WEIGHT * response_regression_loss(out, teacher, batch["heatmap"], self.resp_reg_code)
             weights["resp_reg_kd"] = d.w_resp_reg * self.resp_scale
         terms["total"] = sum(weights[k] * v for k, v in terms.items())
         return terms

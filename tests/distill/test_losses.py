@@ -12,7 +12,7 @@ from fake_frames import fake_frames
 from imkd_deploy.config import BEVGrid, ConfigError, DistillConfig, tiny
 from imkd_deploy.distill.dataset import training_sample
 from imkd_deploy.distill.depth_target import IGNORE, depth_bin_targets
-from imkd_deploy.distill.losses import (IMKDCriterion, depth_loss, fused_distill_loss, gaussian_focal_loss,
+from imkd_deploy.distill.losses import (IMKDCriterion, depth_loss, fused_distill_loss, gaussian_focal_loss, kd_code_weights,
                                         radar_distill_loss, regression_l1, response_distill_loss,
                                         response_regression_loss, weighted_feature_mse)
 from imkd_deploy.model.head import HEAD_OUTPUTS, build_targets
@@ -94,6 +94,13 @@ def test_response_regression_distill_is_code_weighted_l1_over_the_gt_gaussian():
     assert float(student_req["vel"].grad[0, 0, 0, 1]) == pytest.approx(0.5 * 0.2 / 1.5)
     # a sample without any GT box gives zero, not NaN
     assert float(response_regression_loss(student, teacher, torch.zeros_like(heat))) == 0
+    # leaving out velocity keeps only the dims term: 0.5 * 2.0 / 1.5
+    no_vel = kd_code_weights("vel")
+    assert no_vel == (1.0,) * 8 + (0.0, 0.0)
+    assert kd_code_weights("rot+offset") == (0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.2, 0.2)
+    assert float(response_regression_loss(student, teacher, heat, no_vel)) == pytest.approx(1.0 / 1.5, rel=1e-6)
+    with pytest.raises(ConfigError, match="resp_reg_skip.*'yaw'"):
+        DistillConfig(resp_reg_skip="rot+yaw").validate()
 
 
 def test_radar_distill_weights_follow_lidar_intensity_and_radar_hits():
