@@ -47,7 +47,7 @@ import torch
 
 from imkd_deploy.atomic import atomic_write_text
 from imkd_deploy.config import SCENE_CONDITIONS, ConfigError, DistillConfig, RunConfig, TrainConfig, tiny
-from imkd_deploy.data.synth_radar import RADAR_CLUTTER
+from imkd_deploy.data.synth_radar import RADAR_CLUTTER, RADAR_RCS
 from imkd_deploy.export.metadata import file_sha256
 
 TEACHER_STEPS = 1200
@@ -104,7 +104,8 @@ VARIANTS = {
 
 
 def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int, seed: int,
-                 conditions: str = "day", radar_clutter: str = "light") -> tuple[Path, Layout]:
+                 conditions: str = "day", radar_clutter: str = "light",
+                 radar_rcs: str = "class") -> tuple[Path, Layout]:
     if dataroot is not None:
         return dataroot, layout_of(dataroot)
     from imkd_deploy.data.synth import SynthConfig, write_drive
@@ -112,11 +113,12 @@ def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int
     layout = layout_for_scenes(scenes)
     drive = workdir / ("drive" + ("" if scenes == 10 else f"-{scenes}scenes")
                        + ("" if conditions == "day" else f"-{conditions}")
-                       + ("" if radar_clutter == "light" else f"-{radar_clutter}") + (f"-seed{seed}" if seed else ""))
+                       + ("" if radar_clutter == "light" else f"-{radar_clutter}")
+                       + ("" if radar_rcs == "class" else f"-{radar_rcs}") + (f"-seed{seed}" if seed else ""))
     if not (drive / layout.version).is_dir():
         print(f"writing a synthetic drive: {scenes} scenes x {samples} samples, {conditions} -> {drive}", flush=True)
         write_drive(drive, SynthConfig(num_scenes=scenes, samples_per_scene=samples, seed=seed, conditions=conditions,
-                                       radar_clutter=radar_clutter, version=layout.version))
+                                       radar_clutter=radar_clutter, radar_rcs=radar_rcs, version=layout.version))
     return drive, layout
 
 
@@ -274,7 +276,9 @@ def reproduce_command(meta: dict, records: list[dict]) -> str:
     writer = meta.get("writer")
     if writer is not None:
         cmd.append(f"--scenes {writer['scenes']} --samples {writer['samples']} --conditions {writer['conditions']} "
-                   f"--radar-clutter {writer['radar_clutter']} --drive-seed {meta['drive_seed']}")
+                   f"--radar-clutter {writer['radar_clutter']}"
+                   + (f" --radar-rcs {writer['radar_rcs']}" if writer.get("radar_rcs", "class") != "class" else "")
+                   + f" --drive-seed {meta['drive_seed']}")
     elif "writer" in meta:          # read from --dataroot (results saved before "writer" cannot tell)
         cmd.append(f"--dataroot {meta['drive']}")
     cmd.append(f"--teacher-steps {meta['teacher_steps']} --student-steps {meta['student_steps']}")
@@ -341,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drive-seed", type=int, default=0, help="writer seed of the synthetic drive")
     p.add_argument("--radar-clutter", default="light", choices=RADAR_CLUTTER,
                    help="radar clutter of the synthetic drive (urban: fixed roadside reflectors, wide-angle azimuth error)")
+    p.add_argument("--radar-rcs", default="class", choices=RADAR_RCS,
+                   help="radar RCS of the synthetic drive (swerling: Swerling I aspect fluctuation on every return)")
     p.add_argument("--conditions", default="day", choices=(*SCENE_CONDITIONS, "mixed"),
                    help="scene conditions of the synthetic drive (mixed: nuScenes-like rain and night share)")
     # The teacher trains 3x longer than a student: at 400 steps it is still far from converged
@@ -393,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     try:
         drive, layout = ensure_drive(args.dataroot, args.workdir, args.scenes, args.samples, args.drive_seed,
-                                     args.conditions, args.radar_clutter)
+                                     args.conditions, args.radar_clutter, args.radar_rcs)
     except ValueError as exc:      # a scene count or --dataroot the ablation cannot use
         p.error(str(exc))
     # Decode every frame once (JPEGs, sweeps) and share it between the six runs.
@@ -423,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             "drive_seed": None if args.dataroot is not None else args.drive_seed,
             "writer": None if args.dataroot is not None else {
                 "scenes": args.scenes, "samples": args.samples, "conditions": args.conditions,
-                "radar_clutter": args.radar_clutter},
+                "radar_clutter": args.radar_clutter, "radar_rcs": args.radar_rcs},
             "lr": args.lr}
     table = markdown_table(records, meta)
     atomic_write_text(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": records}, indent=2))

@@ -6,8 +6,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from imkd_deploy.config import CLASS_NAMES
 from imkd_deploy.data.loader import open_nuscenes, split_scene_names, valid_splits
+
+# nuScenes v1.0-mini's mean LiDAR and radar points per annotation, as the devkit's maintainers
+# give them (nuscenes-devkit issue 219): what a synthetic drive's sensor density is read against.
+NUSCENES_MINI_POINTS_PER_BOX = {"lidar": 58.8, "radar": 0.85}
 
 
 @dataclass
@@ -20,6 +26,8 @@ class InspectReport:
     instances: int
     sweeps: dict[str, dict[str, int]]                 # channel -> {"key": n, "non_key": n}
     annotations_per_class: dict[str, int]             # the 10 detection classes, then "other"
+    # class (and "all") -> mean num_lidar_pts, mean num_radar_pts, share of boxes with a radar point
+    points_per_box: dict[str, dict[str, float]] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)   # split -> scenes of it present here
     scene_names: list[str] = field(default_factory=list)
 
@@ -39,12 +47,16 @@ class InspectReport:
         for channel, c in self.sweeps.items():
             sensors.add_row(channel, str(c["key"]), str(c["non_key"]), str(c["key"] + c["non_key"]))
         console.print(sensors)
-        classes = Table(title="annotations per detection class")
-        classes.add_column("class")
-        classes.add_column("boxes", justify="right")
-        for name, n in self.annotations_per_class.items():
-            classes.add_row(name, str(n), style="dim" if name == "other" else None)
+        classes = Table(title="annotations per detection class, and the key-frame points inside them")
+        for col in ("class", "boxes", "LiDAR pts/box", "radar pts/box", "boxes with radar"):
+            classes.add_column(col, justify="left" if col == "class" else "right")
+        for name, n in [*self.annotations_per_class.items(), ("all", self.annotations)]:
+            p = self.points_per_box.get(name)
+            cells = [f"{p['lidar']:.1f}", f"{p['radar']:.2f}", f"{p['radar_hit']:.0%}"] if p else ["-"] * 3
+            classes.add_row(name, str(n), *cells, style="dim" if name == "other" else "bold" if name == "all" else None)
         console.print(classes)
+        ref = NUSCENES_MINI_POINTS_PER_BOX
+        console.print(f"nuScenes v1.0-mini for comparison: {ref['lidar']} LiDAR and {ref['radar']} radar points a box")
 
 
 def inspect_drive(dataroot, version) -> InspectReport:
@@ -57,7 +69,17 @@ def inspect_drive(dataroot, version) -> InspectReport:
     for sd in nusc.sample_data:
         counts = sweeps.setdefault(channel_of[sd["calibrated_sensor_token"]], {"key": 0, "non_key": 0})
         counts["key" if sd["is_key_frame"] else "non_key"] += 1
-    per_class = Counter(category_to_detection_name(a["category_name"]) or "other" for a in nusc.sample_annotation)
+    names = [category_to_detection_name(a["category_name"]) or "other" for a in nusc.sample_annotation]
+    per_class = Counter(names)
+    lidar = np.array([a["num_lidar_pts"] for a in nusc.sample_annotation], dtype=float)
+    radar = np.array([a["num_radar_pts"] for a in nusc.sample_annotation], dtype=float)
+    names_arr = np.array(names)
+    points = {}
+    for name in [*CLASS_NAMES, "other", "all"]:
+        m = names_arr == name if name != "all" else np.ones(len(names_arr), bool)
+        if m.any():
+            points[name] = {"lidar": float(lidar[m].mean()), "radar": float(radar[m].mean()),
+                            "radar_hit": float((radar[m] > 0).mean())}
     scene_names = [s["name"] for s in nusc.scene]
     present = set(scene_names)
     splits = {name: sum(s in present for s in split_scene_names(dataroot, version, name))
@@ -67,5 +89,6 @@ def inspect_drive(dataroot, version) -> InspectReport:
         annotations=len(nusc.sample_annotation), instances=len(nusc.instance),
         sweeps=dict(sorted(sweeps.items())),
         annotations_per_class={**{c: per_class.get(c, 0) for c in CLASS_NAMES}, "other": per_class.get("other", 0)},
+        points_per_box=points,
         splits={k: v for k, v in splits.items() if v}, scene_names=scene_names,
     )

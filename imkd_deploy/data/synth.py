@@ -41,7 +41,7 @@ from imkd_deploy.data.synth_camera import CameraView, make_view, render_camera
 from imkd_deploy.data.synth_conditions import attenuate_lidar, condition_of, degrade_image
 from imkd_deploy.data.synth_ground import LABEL_INTENSITY, GroundMap, rasterise_road
 from imkd_deploy.data.synth_lidar import cast_lidar
-from imkd_deploy.data.synth_radar import RADAR_CLUTTER, make_reflectors, simulate_radar
+from imkd_deploy.data.synth_radar import RADAR_CLUTTER, RADAR_RCS, make_reflectors, simulate_radar
 from imkd_deploy.data.synth_rig import Sensor, build_rig, matrix_quaternion, yaw_quaternion
 from imkd_deploy.data.synth_world import ATTRIBUTES, CATEGORY, World, make_world
 from imkd_deploy.errors import UserError
@@ -71,6 +71,7 @@ class SynthConfig:
     jpeg_quality: int = 90
     conditions: str = "day"           # day | rain | night for every scene, or mixed (synth_conditions.MIXED_CYCLE)
     radar_clutter: str = "light"      # light: random clutter only | urban: + fixed roadside reflectors, wide-angle azimuth error
+    radar_rcs: str = "class"          # class: RCS about the class mean | swerling: + Swerling I aspect fluctuation
     workers: int = 0                  # scene-parallel processes; 0 = auto (one per core for big drives), 1 = in process
 
     def validate(self) -> None:
@@ -86,6 +87,8 @@ class SynthConfig:
             raise UserError(f"conditions must be one of {', '.join((*SCENE_CONDITIONS, 'mixed'))}, got {self.conditions!r}")
         if self.radar_clutter not in RADAR_CLUTTER:
             raise UserError(f"radar_clutter must be one of {', '.join(RADAR_CLUTTER)}, got {self.radar_clutter!r}")
+        if self.radar_rcs not in RADAR_RCS:
+            raise UserError(f"radar_rcs must be one of {', '.join(RADAR_RCS)}, got {self.radar_rcs!r}")
         if self.workers < 0:
             raise UserError(f"workers must be >= 0 (0 = one per CPU core), got {self.workers}")
         if self.is_mini and self.num_scenes > len(MINI_SCENE_ORDER):
@@ -357,7 +360,8 @@ class SceneWriter:
         reflectors = None
         if self.reflector_boxes is not None:
             reflectors = np.column_stack([self._to_sensor(self.reflector_boxes, pos, yaw, sensor)[:, :2], self.reflector_rcs])
-        return simulate_radar(boxes, self.world.objects.cls, self.static, v_s, rng, reflectors)
+        return simulate_radar(boxes, self.world.objects.cls, self.static, v_s, rng, reflectors,
+                              swerling=self.cfg.radar_rcs == "swerling")
 
     def _camera(self, ch: str, t: float, rng: np.random.Generator) -> np.ndarray:
         pos, yaw, ego2global = self._ego(t)

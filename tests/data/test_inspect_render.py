@@ -52,6 +52,16 @@ def test_inspect_counts_equal_the_table_counts(drive):
                                             "other": per_class.get("other", 0)}
     assert all(report.annotations_per_class[c] > 0 for c in CLASS_NAMES)
     assert report.splits == {"mini_train": 2, "mini_val": 1}
+    # Points per box, by class and over all boxes, from the annotation rows themselves.
+    anns = _table(drive, "sample_annotation")
+    cls = [category_to_detection_name(instance_cat[a["instance_token"]]) or "other" for a in anns]
+    for name in ("car", "pedestrian", "all"):
+        mine = [a for a, c in zip(anns, cls) if name in ("all", c)]
+        got = report.points_per_box[name]
+        assert got["lidar"] == pytest.approx(np.mean([a["num_lidar_pts"] for a in mine]))
+        assert got["radar"] == pytest.approx(np.mean([a["num_radar_pts"] for a in mine]))
+        assert got["radar_hit"] == pytest.approx(np.mean([a["num_radar_pts"] > 0 for a in mine]))
+    assert report.points_per_box["car"]["radar"] > report.points_per_box["pedestrian"]["radar"] > 0
 
 
 def test_inspect_prints_and_serialises(drive):
@@ -61,6 +71,7 @@ def test_inspect_prints_and_serialises(drive):
     report.print(Console(file=buf, width=120))
     text = buf.getvalue()
     assert "CAM_BACK_LEFT" in text and "construction_vehicle" in text and "18 samples" in text
+    assert "radar pts/box" in text and "nuScenes v1.0-mini for comparison: 58.8 LiDAR and 0.85 radar" in text
 
 
 def test_inspect_cli_json(drive):

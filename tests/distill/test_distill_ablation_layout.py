@@ -76,3 +76,5 @@ def test_reproduce_command_names_the_drive_and_every_override():
     assert distill_ablation.reproduce_command(read, rows[:1]) == (
         "python benchmarks/distill_ablation.py --out benchmarks/results --dataroot /w/drive-30scenes-mixed "
         "--teacher-steps 3600 --student-steps 4800 --batch-size 4 --lr 0.001 --seed 1 --variants \"\" --threads 2")
+    swerling = {**meta, "writer": {**meta["writer"], "radar_clutter": "urban", "radar_rcs": "swerling"}}
+    assert "--radar-clutter urban --radar-rcs swerling --drive-seed 3 " in distill_ablation.reproduce_command(swerling, rows)
