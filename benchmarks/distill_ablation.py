@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         run = run_config(VARIANTS[name], args.student_steps, args.batch_size, args.seed, args.lr, weights, settings)
         records.append(train_and_score(VARIANTS[name], run, drive, layout, runs, frames, val_frames, teacher_ckpt))
 
-    meta = {"drive": str(drive), "train_samples": len(frames), "val_samples": len(val_frames),
+    # resolved: workdirs that share one drive through a link record the same drive
+    meta = {"drive": str(drive.resolve()), "train_samples": len(frames), "val_samples": len(val_frames),
             "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "batch_size": args.batch_size,
             "seed": args.seed, "teacher_seed": teacher_seed, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "name": args.name, "w_radar": args.w_radar, "w_fused": args.w_fused,
