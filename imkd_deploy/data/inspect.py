@@ -69,17 +69,13 @@ def inspect_drive(dataroot, version) -> InspectReport:
     for sd in nusc.sample_data:
         counts = sweeps.setdefault(channel_of[sd["calibrated_sensor_token"]], {"key": 0, "non_key": 0})
         counts["key" if sd["is_key_frame"] else "non_key"] += 1
-    names = [category_to_detection_name(a["category_name"]) or "other" for a in nusc.sample_annotation]
-    per_class = Counter(names)
+    names = np.array([category_to_detection_name(a["category_name"]) or "other" for a in nusc.sample_annotation], dtype=str)
+    per_class = Counter(names.tolist())
     lidar = np.array([a["num_lidar_pts"] for a in nusc.sample_annotation], dtype=float)
     radar = np.array([a["num_radar_pts"] for a in nusc.sample_annotation], dtype=float)
-    names_arr = np.array(names)
-    points = {}
-    for name in [*CLASS_NAMES, "other", "all"]:
-        m = names_arr == name if name != "all" else np.ones(len(names_arr), bool)
-        if m.any():
-            points[name] = {"lidar": float(lidar[m].mean()), "radar": float(radar[m].mean()),
-                            "radar_hit": float((radar[m] > 0).mean())}
+    masks = {**{c: names == c for c in (*CLASS_NAMES, "other")}, "all": np.ones(len(names), bool)}
+    points = {c: {"lidar": float(lidar[m].mean()), "radar": float(radar[m].mean()),
+                  "radar_hit": float((radar[m] > 0).mean())} for c, m in masks.items() if m.any()}
     scene_names = [s["name"] for s in nusc.scene]
     present = set(scene_names)
     splits = {name: sum(s in present for s in split_scene_names(dataroot, version, name))
