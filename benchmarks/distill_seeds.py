@@ -119,6 +119,13 @@ def summarise(files: list[Path]) -> str:
     lines += ["", "Δ in points (x100): mean ± sd over seeds of (variant − plain student) at the same seed, "
               "then the per-seed values; the 95% CI is Student's t over the seeds. The teacher row repeats "
               "when every seed shares one teacher.", ""]
+    # Files that agree on every SAME key can still hold teachers trained apart (a rebuilt work
+    # directory): say so, since the distilled rows then learnt from different teachers.
+    teachers = {r["meta"]["seed"]: row["nds"] for r in runs for row in r["rows"] if row["variant"] == "teacher"}
+    if len({round(v, 6) for v in teachers.values()}) > 1:
+        lines += ["The seeds' files hold different teachers (NDS "
+                  + ", ".join(f"seed {s}: {v:.4f}" for s, v in sorted(teachers.items()))
+                  + "): each distilled student learnt from its own file's teacher.", ""]
     return "\n".join(lines)
 
 

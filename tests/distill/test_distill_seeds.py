@@ -50,6 +50,16 @@ def test_paired_deltas_and_seed_alignment(tmp_path):
     assert radar[6] == "—"  # one pair gives no interval
 
 
+def test_says_when_the_seeds_files_hold_different_teachers(tmp_path):
+    teacher = {**_row("teacher", 0.634, 0.60), "role": "teacher"}
+    same = [_write(tmp_path, f"s{s}", s, [teacher, _row("none", 0.4, 0.3)]) for s in (0, 1)]
+    assert "different teachers" not in distill_seeds.summarise(same)
+    rebuilt = _write(tmp_path, "s2", 2, [{**teacher, "nds": 0.6325}, _row("none", 0.4, 0.3)])
+    table = distill_seeds.summarise(same + [rebuilt])
+    assert _table_row(table, "teacher")[2] == "0.634 / 0.634 / 0.632"
+    assert "different teachers (NDS seed 0: 0.6340, seed 1: 0.6340, seed 2: 0.6325)" in table
+
+
 def test_refuses_runs_of_different_budgets(tmp_path):
     a = _write(tmp_path, "a", 0, [_row("none", 0.4, 0.3)])
     b = _write(tmp_path, "b", 1, [_row("none", 0.4, 0.3)], student_steps=400)
