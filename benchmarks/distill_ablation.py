@@ -22,7 +22,11 @@ same as in a round at other weights and can be reused. Runs are kept under ``WOR
 and a finished run is not retrained (its metrics are re-read), so an interrupted ablation
 continues where it stopped; a run directory trained with another config is trained afresh.
 ``--set KEY=VALUE`` sets any DistillConfig field for every student (e.g. ``fused_at=encoder``,
-``lidar_weight=structure``, ``w_resp=1`` or ``w_resp_reg=1`` with the ``resp`` variant). ``--teacher-seed`` keeps one
+``lidar_weight=structure``, ``w_resp=1`` or ``w_resp_reg=1`` with the ``resp`` variant).
+``--camera KEY=VALUE`` changes the students' camera branch (a ModelConfig field of CAMERA_FIELDS,
+e.g. ``image_size=[128,352]`` and ``downsample=8``: nuscenes_r50's 16x44 feature grid from the
+writer's half-size images); the LiDAR teacher has no camera, so it stays the one of a round
+without the option and is reused. ``--teacher-seed`` keeps one
 teacher while ``--seed`` varies the students; ``benchmarks/distill_seeds.py`` then combines
 the per-seed result files into one table with paired differences. Results: ``OUT/NAME.json``
 and ``.md`` (written atomically); the table is also printed.
@@ -46,11 +50,16 @@ from pathlib import Path
 import torch
 
 from imkd_deploy.atomic import atomic_write_text
-from imkd_deploy.config import SCENE_CONDITIONS, ConfigError, DistillConfig, RunConfig, TrainConfig, tiny
+from imkd_deploy.config import (SCENE_CONDITIONS, ConfigError, DistillConfig, ModelConfig, RunConfig, TrainConfig,
+                                 tiny)
 from imkd_deploy.data.synth_radar import RADAR_CLUTTER, RADAR_RCS
 from imkd_deploy.export.metadata import file_sha256
 
 TEACHER_STEPS = 1200
+# ModelConfig fields of the camera branch alone: the teacher has no camera, so students that
+# change them still share its BEV grid, LiDAR sweeps and cells with it.
+CAMERA_FIELDS = ("image_size", "downsample", "depth_bins", "backbone", "backbone_width", "fpn_channels",
+                 "context_channels")
 
 
 @dataclass(frozen=True)
@@ -122,12 +131,19 @@ def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int
     return drive, layout
 
 
+def student_model(camera: dict | None = None) -> ModelConfig:
+    """The students' model: ``tiny`` with the ``--camera`` fields replaced (validated)."""
+    return tiny().replace(**(camera or {}))
+
+
 def run_config(variant: Variant, steps: int, batch: int, seed: int, lr: float | None,
-               weights: dict[str, float] | None = None, settings: dict | None = None) -> RunConfig:
+               weights: dict[str, float] | None = None, settings: dict | None = None,
+               camera: dict | None = None) -> RunConfig:
     """``weights`` maps "radar"/"fused" to that level's loss weight; a weight whose level the
     variant does not train is left at the default so the run config (and its reuse key) stays
-    the same across rounds that only change weights."""
-    run = RunConfig(model=tiny())
+    the same across rounds that only change weights. ``camera`` replaces camera-branch fields
+    of the students' model; the teacher keeps ``tiny``'s."""
+    run = RunConfig(model=student_model(camera) if variant.role == "student" else tiny())
     train = run.train.replace(max_steps=steps, batch_size=batch, seed=seed, ckpt_every=steps,
                               **({"lr": lr} if lr is not None else {}))
     distill = run.distill.replace(levels=variant.levels, intensity_fusion=variant.intensity_fusion)
@@ -295,6 +311,8 @@ def reproduce_command(meta: dict, records: list[dict]) -> str:
         cmd.append(f"--threads {meta['threads']}")
     cmd += [f"--w-{lv} {meta[f'w_{lv}']:g}" for lv in ("radar", "fused") if meta.get(f"w_{lv}") is not None]
     cmd += [f"--set {k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in meta.get("settings", {}).items()]
+    cmd += [f"--camera {k}={json.dumps(v, separators=(',', ':')) if not isinstance(v, str) else v}"
+            for k, v in (meta.get("camera") or {}).items()]
     if meta.get("name", "distill_ablation") != "distill_ablation":
         cmd.append(f"--name {meta['name']}")
     return " ".join(cmd)
@@ -302,12 +320,15 @@ def reproduce_command(meta: dict, records: list[dict]) -> str:
 
 def markdown_table(records: list[dict], meta: dict) -> str:
     base = next((r for r in records if r["variant"] == "none"), None)
+    camera = ", ".join(f"{k}={v}" for k, v in (meta.get("camera") or {}).items())
+    camera = f" (students' camera: {camera})" if camera else ""
     lines = [
         f"# IMKD distillation ablation (synthetic drive, {meta.get('splits', {}).get('val', 'mini_val')})",
         "",
         f"Drive: {meta['drive']} ({meta['train_samples']} train / {meta['val_samples']} val samples); "
         f"teacher {meta['teacher_steps']} steps, every student {meta['student_steps']} steps, batch "
-        f"{meta['batch_size']}, seed {meta['seed']} (teacher seed {meta.get('teacher_seed', meta['seed'])}), `tiny` preset, CPU ({meta['threads']} thread)."
+        f"{meta['batch_size']}, seed {meta['seed']} (teacher seed {meta.get('teacher_seed', meta['seed'])}), `tiny` preset{camera}, "
+        f"CPU ({meta['threads']} thread)."
         + "".join(f" {split} scenes: " + ", ".join(f"{n} {c}" for c, n in count.items()) + "."
                   for split, count in meta.get("conditions", {}).items()),
         "",
@@ -329,6 +350,32 @@ def markdown_table(records: list[dict], meta: dict) -> str:
     lines += ["", "KD weights: the level-1 (radar) / level-2 (fused) distillation loss weights the student trained "
               f"with. ΔNDS in NDS points (x100). Reproduce: `{reproduce_command(meta, records)}`.", ""]
     return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    """The CPU and the SIMD level torch's kernels use: runs on another CPU round floats
+    differently, so a teacher rebuilt there from the same bytes is not the same teacher."""
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, torch {torch.backends.cpu.get_cpu_capability()}"
+
+
+def key_values(p: argparse.ArgumentParser, flag: str, items: list[str], fields, what: str) -> dict:
+    """``KEY=VALUE`` options as a dict; values parse as JSON (true, 0.5, [128,352]), else stay text."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            p.error(f"{flag} {item}: expected KEY=VALUE with KEY {what}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="level-2 distillation weight for students that use it (default: DistillConfig.w_fused)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="a DistillConfig field for every student, e.g. --set fused_at=encoder (repeatable)")
+    p.add_argument("--camera", action="append", default=[], metavar="KEY=VALUE",
+                   help="a camera-branch ModelConfig field of every student, e.g. --camera image_size=[128,352] "
+                        f"(repeatable; one of {', '.join(CAMERA_FIELDS)})")
     p.add_argument("--name", default="distill_ablation", help="results file stem: OUT/NAME.json and OUT/NAME.md")
     args = p.parse_args(argv)
 
@@ -377,21 +427,19 @@ def main(argv: list[str] | None = None) -> int:
     for flag, w in (("--w-radar", args.w_radar), ("--w-fused", args.w_fused)):
         if w is not None and not w >= 0:
             p.error(f"{flag} must be >= 0, got {w}")
-    settings = {}
-    for item in args.settings:
-        key, sep, value = item.partition("=")
-        if not sep or key not in DistillConfig.__dataclass_fields__:
-            p.error(f"--set {item}: expected KEY=VALUE with KEY a DistillConfig field")
-        if key in ("levels", "intensity_fusion"):
-            p.error(f"--set {item}: the variant sets {key}; choose variants with --variants")
-        try:
-            settings[key] = json.loads(value)      # true / 0.5 / 3 as JSON, anything else as text
-        except json.JSONDecodeError:
-            settings[key] = value
+    settings = key_values(p, "--set", args.settings, DistillConfig.__dataclass_fields__, "a DistillConfig field")
+    for key in ("levels", "intensity_fusion"):
+        if key in settings:
+            p.error(f"--set {key}=...: the variant sets {key}; choose variants with --variants")
     try:
         DistillConfig.from_dict({**DistillConfig().to_dict(), **settings})
     except ConfigError as exc:
         p.error(f"--set: {exc}")
+    camera = key_values(p, "--camera", args.camera, CAMERA_FIELDS, f"one of {', '.join(CAMERA_FIELDS)}")
+    try:
+        student_cfg = student_model(camera)
+    except ConfigError as exc:
+        p.error(f"--camera: {exc}")
     torch.set_num_threads(args.threads)
 
     from imkd_deploy.data.loader import NuScenesDrive
@@ -404,9 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     # Decode every frame once (JPEGs, sweeps) and share it between the six runs.
     t0 = time.perf_counter()
-    train_drive = NuScenesDrive(drive, layout.version, tiny(), split=layout.train, load_lidar=True)
+    # at the students' image size: the teacher reads no images
+    train_drive = NuScenesDrive(drive, layout.version, student_cfg, split=layout.train, load_lidar=True)
     frames = [train_drive[i] for i in range(len(train_drive))]
-    val_drive = NuScenesDrive(drive, layout.version, tiny(), split=layout.val, load_lidar=True)
+    val_drive = NuScenesDrive(drive, layout.version, student_cfg, split=layout.val, load_lidar=True)
     val_frames = [val_drive[i] for i in range(len(val_drive))]
     print(f"loaded {len(frames)} train / {len(val_frames)} val frames in {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -417,15 +466,16 @@ def main(argv: list[str] | None = None) -> int:
     teacher_ckpt = Path(records[0]["checkpoint"])
     weights = {lv: w for lv, w in (("radar", args.w_radar), ("fused", args.w_fused)) if w is not None}
     for name in names:
-        run = run_config(VARIANTS[name], args.student_steps, args.batch_size, args.seed, args.lr, weights, settings)
+        run = run_config(VARIANTS[name], args.student_steps, args.batch_size, args.seed, args.lr, weights, settings,
+                         camera)
         records.append(train_and_score(VARIANTS[name], run, drive, layout, runs, frames, val_frames, teacher_ckpt))
 
     # resolved: workdirs that share one drive through a link record the same drive
     meta = {"drive": str(drive.resolve()), "train_samples": len(frames), "val_samples": len(val_frames),
             "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "batch_size": args.batch_size,
             "seed": args.seed, "teacher_seed": teacher_seed, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "name": args.name, "w_radar": args.w_radar, "w_fused": args.w_fused,
-            "settings": settings, "conditions": drive_conditions(drive, layout),
+            "machine": platform.machine(), "cpu": cpu_name(), "name": args.name, "w_radar": args.w_radar, "w_fused": args.w_fused,
+            "settings": settings, "camera": camera, "conditions": drive_conditions(drive, layout),
             "version": layout.version, "splits": {"train": layout.train, "val": layout.val},
             "drive_seed": None if args.dataroot is not None else args.drive_seed,
             "writer": None if args.dataroot is not None else {

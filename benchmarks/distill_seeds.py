@@ -69,6 +69,9 @@ def summarise(files: list[Path]) -> str:
     first = runs[0]["meta"]
     for f, r in zip(files, runs):
         diff = [k for k in SAME if r["meta"].get(k) != first.get(k)]
+        # students with another camera pair only with the plain student of that camera
+        if (r["meta"].get("camera") or {}) != (first.get("camera") or {}):
+            diff.append("camera")
         if diff:
             raise SystemExit(f"{f}: differs from {files[0]} in {diff}; combine only runs of one setting")
     seeds = sorted({r["meta"]["seed"] for r in runs})
@@ -83,7 +86,9 @@ def summarise(files: list[Path]) -> str:
         "",
         f"Drive {first['drive']} ({first.get('train_samples', '?')} train / {first['val_samples']} val samples), "
         f"teacher {first['teacher_steps']} steps (teacher seed {first.get('teacher_seed', first['seed'])}), "
-        f"students {first['student_steps']} steps, batch {first['batch_size']}, student seeds {seeds}.",
+        f"students {first['student_steps']} steps, batch {first['batch_size']}, student seeds {seeds}"
+        + (", students' camera " + ", ".join(f"{k}={v}" for k, v in first["camera"].items()) if first.get("camera") else "")
+        + ".",
         "Files: " + ", ".join(f"`{f.name}`" for f in files) + ".",
         "",
         "| Model | Distillation | NDS per seed | NDS mean ± sd | mAP mean ± sd | ΔNDS vs plain (paired) | ΔNDS 95% CI | ΔmAP vs plain (paired) | mATE / mAVE mean |"

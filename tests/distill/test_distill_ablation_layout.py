@@ -78,3 +78,30 @@ def test_reproduce_command_names_the_drive_and_every_override():
         "--teacher-steps 3600 --student-steps 4800 --batch-size 4 --lr 0.001 --seed 1 --variants \"\" --threads 2")
     swerling = {**meta, "writer": {**meta["writer"], "radar_clutter": "urban", "radar_rcs": "swerling"}}
     assert "--radar-clutter urban --radar-rcs swerling --drive-seed 3 " in distill_ablation.reproduce_command(swerling, rows)
+
+
+def test_camera_overrides_reach_the_students_and_not_the_teacher(capsys):
+    camera = {"image_size": [128, 352], "downsample": 8}
+    student = distill_ablation.run_config(distill_ablation.VARIANTS["all"], 10, 2, 0, None, camera=camera)
+    teacher = distill_ablation.run_config(distill_ablation.VARIANTS["teacher"], 10, 2, 0, None, camera=camera)
+    assert tuple(student.model.image_size) == (128, 352) and student.model.downsample == 8
+    assert student.model.feature_size == (16, 44)          # nuscenes_r50's feature grid
+    # the teacher's run config, and so its reuse key, is that of a round without --camera
+    assert teacher.to_dict() == distill_ablation.run_config(distill_ablation.VARIANTS["teacher"], 10, 2, 0, None).to_dict()
+    assert student.model.grid == teacher.model.grid
+    meta = {"drive": "/w/d", "drive_seed": None, "teacher_steps": 3600, "student_steps": 4800, "batch_size": 2,
+            "seed": 0, "threads": 1, "settings": {}, "camera": camera, "writer": None}
+    assert distill_ablation.reproduce_command(meta, [{"variant": "none", "role": "student"}]).endswith(
+        "--variants none --camera image_size=[128,352] --camera downsample=8")
+    for bad, says in ((["grid=1"], "expected KEY=VALUE with KEY one of image_size"),
+                      (["image_size=[100,352]"], "must be divisible by downsample")):
+        with pytest.raises(SystemExit):
+            distill_ablation.main(["--out", "/tmp/unused", "--camera", *bad])
+        assert says in capsys.readouterr().err
+
+
+def test_results_name_the_cpu_and_its_simd_level():
+    import torch
+
+    name = distill_ablation.cpu_name()
+    assert name.endswith(f", torch {torch.backends.cpu.get_cpu_capability()}") and len(name) > len(", torch ") + 4

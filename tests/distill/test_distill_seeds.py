@@ -65,3 +65,18 @@ def test_refuses_runs_of_different_budgets(tmp_path):
     b = _write(tmp_path, "b", 1, [_row("none", 0.4, 0.3)], student_steps=400)
     with pytest.raises(SystemExit, match="b.json.*student_steps"):
         distill_seeds.summarise([a, b])
+
+
+def test_students_of_another_camera_are_not_paired_with_the_plain_student(tmp_path):
+    old = _write(tmp_path, "old", 0, [_row("none", 0.4, 0.3)])       # saved before --camera: no key
+    plain = _write(tmp_path, "s1", 1, [_row("none", 0.4, 0.3)])
+    meta = json.loads(plain.read_text())
+    meta["meta"]["camera"] = {}
+    plain.write_text(json.dumps(meta))
+    assert "| none |" in distill_seeds.summarise([old, plain])
+    meta["meta"]["camera"] = {"image_size": [128, 352], "downsample": 8}
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="wide.json.*camera"):
+        distill_seeds.summarise([old, wide])
+    assert "students' camera image_size=[128, 352], downsample=8." in distill_seeds.summarise([wide])
