@@ -51,7 +51,7 @@ def _fail(exc: Exception) -> None:
 @data_app.command("synth")
 def data_synth(
     out_dir: Path = typer.Argument(..., help="Dataroot to write (created; must be empty or absent)."),
-    version: str = typer.Option("v1.0-mini", help="Table folder name. 'v1.0-mini' uses the devkit's mini scene names; any other version also writes splits.json."),
+    version: str = typer.Option("v1.0-mini", help="Table folder name. 'v1.0-mini' uses the devkit's mini scene names; any other version also writes splits.json (train; val, every fifth scene; all, for scoring a drive of another seed as a held-out test)."),
     scenes: int = typer.Option(10, min=1, help="Number of scenes (10 = the devkit's whole mini split)."),
     samples: int = typer.Option(40, min=2, help="Key frames (2 Hz) per scene."),
     image_size: str = typer.Option("800x450", help="Camera image size WxH (real nuScenes: 1600x900)."),

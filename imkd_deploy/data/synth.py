@@ -13,7 +13,7 @@ Timing (what is written per 0.5 s interval between key frames, default config):
 Scene names: with a version ending in "mini" the devkit's mini split names are used, in
 the order below so that any 2+ scenes hold a val scene and any 3+ at least two train ones;
 any other version names scenes ``scene-0001`` ... and writes ``splits.json`` (every fifth
-scene, starting with the second, is val).
+scene, starting with the second, is val; ``all`` lists every scene).
 
 Determinism: scene i draws from ``np.random.default_rng([seed, i])`` and every sensor frame
 from its own ``default_rng([seed, i, sensor, frame])``; nothing depends on time or dict order.
@@ -111,7 +111,9 @@ class SynthConfig:
         if self.is_mini:
             return {"mini_train": [n for n in names if n not in MINI_VAL], "mini_val": [n for n in names if n in MINI_VAL]}
         val = [n for i, n in enumerate(names) if i % 5 == 1]
-        return {"train": [n for n in names if n not in val], "val": val}
+        # "all": a drive of another writer seed is unseen end to end, so scoring every scene of
+        # it gives a held-out test five times the size of val.
+        return {"train": [n for n in names if n not in val], "val": val, "all": names}
 
 
 @dataclass

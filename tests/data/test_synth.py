@@ -330,7 +330,8 @@ def test_custom_version_writes_splits_and_refuses_non_empty_out(tmp_path):
     cfg = SynthConfig(version="v1.0-synth", num_scenes=6, samples_per_scene=2, image_width=96, image_height=64, seed=0, workers=2)
     summary = write_drive(out, cfg)
     splits = json.loads((out / "v1.0-synth" / "splits.json").read_text())
-    assert splits == {"train": ["scene-0001", "scene-0003", "scene-0004", "scene-0005", "scene-0006"], "val": ["scene-0002"]}
+    assert splits == {"train": ["scene-0001", "scene-0003", "scene-0004", "scene-0005", "scene-0006"], "val": ["scene-0002"],
+                      "all": [f"scene-000{i}" for i in range(1, 7)]}
     nusc = NuScenes("v1.0-synth", str(out), verbose=False)
     assert len(nusc.scene) == 6 and summary.scenes == 6
     assert [p.name for p in tmp_path.iterdir()] == ["d"]                   # no temp folder left behind
