@@ -26,7 +26,8 @@ continues where it stopped; a run directory trained with another config is train
 ``--camera KEY=VALUE`` changes the students' camera branch (a ModelConfig field of CAMERA_FIELDS,
 e.g. ``image_size=[128,352]`` and ``downsample=8``: nuscenes_r50's 16x44 feature grid from the
 writer's half-size images); the LiDAR teacher has no camera, so it stays the one of a round
-without the option and is reused. ``--teacher-seed`` keeps one
+without the option and is reused. ``--lidar-sweeps N`` changes the LiDAR the teacher is trained
+on, and so the LiDAR the students load for it. ``--teacher-seed`` keeps one
 teacher while ``--seed`` varies the students; ``benchmarks/distill_seeds.py`` then combines
 the per-seed result files into one table with paired differences. Results: ``OUT/NAME.json``
 and ``.md`` (written atomically); the table is also printed.
@@ -131,19 +132,26 @@ def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int
     return drive, layout
 
 
-def student_model(camera: dict | None = None) -> ModelConfig:
+def student_model(camera: dict | None = None, lidar_sweeps: int | None = None) -> ModelConfig:
     """The students' model: ``tiny`` with the ``--camera`` fields replaced (validated)."""
-    return tiny().replace(**(camera or {}))
+    return teacher_model(lidar_sweeps).replace(**(camera or {}))
+
+
+def teacher_model(lidar_sweeps: int | None = None) -> ModelConfig:
+    """``tiny``, with ``--lidar-sweeps``: students load the LiDAR their teacher was trained on
+    (the trainer refuses a mismatch), so both change together."""
+    return tiny() if lidar_sweeps is None else tiny().replace(lidar_sweeps=lidar_sweeps)
 
 
 def run_config(variant: Variant, steps: int, batch: int, seed: int, lr: float | None,
                weights: dict[str, float] | None = None, settings: dict | None = None,
-               camera: dict | None = None) -> RunConfig:
+               camera: dict | None = None, lidar_sweeps: int | None = None) -> RunConfig:
     """``weights`` maps "radar"/"fused" to that level's loss weight; a weight whose level the
     variant does not train is left at the default so the run config (and its reuse key) stays
     the same across rounds that only change weights. ``camera`` replaces camera-branch fields
-    of the students' model; the teacher keeps ``tiny``'s."""
-    run = RunConfig(model=student_model(camera) if variant.role == "student" else tiny())
+    of the students' model; the teacher keeps ``tiny``'s. ``lidar_sweeps`` changes both."""
+    run = RunConfig(model=student_model(camera, lidar_sweeps) if variant.role == "student"
+                    else teacher_model(lidar_sweeps))
     train = run.train.replace(max_steps=steps, batch_size=batch, seed=seed, ckpt_every=steps,
                               **({"lr": lr} if lr is not None else {}))
     distill = run.distill.replace(levels=variant.levels, intensity_fusion=variant.intensity_fusion)
@@ -313,6 +321,8 @@ def reproduce_command(meta: dict, records: list[dict]) -> str:
     cmd += [f"--set {k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in meta.get("settings", {}).items()]
     cmd += [f"--camera {k}={json.dumps(v, separators=(',', ':')) if not isinstance(v, str) else v}"
             for k, v in (meta.get("camera") or {}).items()]
+    if meta.get("lidar_sweeps") is not None:
+        cmd.append(f"--lidar-sweeps {meta['lidar_sweeps']}")
     if meta.get("name", "distill_ablation") != "distill_ablation":
         cmd.append(f"--name {meta['name']}")
     return " ".join(cmd)
@@ -322,6 +332,8 @@ def markdown_table(records: list[dict], meta: dict) -> str:
     base = next((r for r in records if r["variant"] == "none"), None)
     camera = ", ".join(f"{k}={v}" for k, v in (meta.get("camera") or {}).items())
     camera = f" (students' camera: {camera})" if camera else ""
+    if meta.get("lidar_sweeps") is not None:
+        camera += f", {meta['lidar_sweeps']} LiDAR sweeps"
     lines = [
         f"# IMKD distillation ablation (synthetic drive, {meta.get('splits', {}).get('val', 'mini_val')})",
         "",
@@ -417,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--camera", action="append", default=[], metavar="KEY=VALUE",
                    help="a camera-branch ModelConfig field of every student, e.g. --camera image_size=[128,352] "
                         f"(repeatable; one of {', '.join(CAMERA_FIELDS)})")
+    p.add_argument("--lidar-sweeps", type=int, default=None,
+                   help=f"LiDAR sweeps of the teacher and the students' loader (default: tiny's {tiny().lidar_sweeps}; "
+                        "10 = 0.9 s of the writer's 10 Hz LiDAR). A new teacher: give it its own --workdir, since a "
+                        "run directory trained with another config is trained afresh")
     p.add_argument("--name", default="distill_ablation", help="results file stem: OUT/NAME.json and OUT/NAME.md")
     args = p.parse_args(argv)
 
@@ -437,9 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--set: {exc}")
     camera = key_values(p, "--camera", args.camera, CAMERA_FIELDS, f"one of {', '.join(CAMERA_FIELDS)}")
     try:
-        student_cfg = student_model(camera)
+        student_cfg = student_model(camera, args.lidar_sweeps)
     except ConfigError as exc:
-        p.error(f"--camera: {exc}")
+        p.error(f"--camera/--lidar-sweeps: {exc}")
     torch.set_num_threads(args.threads)
 
     from imkd_deploy.data.loader import NuScenesDrive
@@ -461,13 +477,14 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = args.workdir / "runs"
     teacher_seed = args.seed if args.teacher_seed is None else args.teacher_seed
-    teacher_run = run_config(VARIANTS["teacher"], args.teacher_steps, args.batch_size, teacher_seed, args.lr)
+    teacher_run = run_config(VARIANTS["teacher"], args.teacher_steps, args.batch_size, teacher_seed, args.lr,
+                             lidar_sweeps=args.lidar_sweeps)
     records = [train_and_score(VARIANTS["teacher"], teacher_run, drive, layout, runs, frames, val_frames, None)]
     teacher_ckpt = Path(records[0]["checkpoint"])
     weights = {lv: w for lv, w in (("radar", args.w_radar), ("fused", args.w_fused)) if w is not None}
     for name in names:
         run = run_config(VARIANTS[name], args.student_steps, args.batch_size, args.seed, args.lr, weights, settings,
-                         camera)
+                         camera, args.lidar_sweeps)
         records.append(train_and_score(VARIANTS[name], run, drive, layout, runs, frames, val_frames, teacher_ckpt))
 
     # resolved: workdirs that share one drive through a link record the same drive
@@ -475,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "batch_size": args.batch_size,
             "seed": args.seed, "teacher_seed": teacher_seed, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu": cpu_name(), "name": args.name, "w_radar": args.w_radar, "w_fused": args.w_fused,
-            "settings": settings, "camera": camera, "conditions": drive_conditions(drive, layout),
+            "settings": settings, "camera": camera, "lidar_sweeps": args.lidar_sweeps, "conditions": drive_conditions(drive, layout),
             "version": layout.version, "splits": {"train": layout.train, "val": layout.val},
             "drive_seed": None if args.dataroot is not None else args.drive_seed,
             "writer": None if args.dataroot is not None else {

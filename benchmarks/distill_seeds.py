@@ -72,6 +72,8 @@ def summarise(files: list[Path]) -> str:
         # students with another camera pair only with the plain student of that camera
         if (r["meta"].get("camera") or {}) != (first.get("camera") or {}):
             diff.append("camera")
+        if r["meta"].get("lidar_sweeps") != first.get("lidar_sweeps"):      # None: tiny's default
+            diff.append("lidar_sweeps")
         if diff:
             raise SystemExit(f"{f}: differs from {files[0]} in {diff}; combine only runs of one setting")
     seeds = sorted({r["meta"]["seed"] for r in runs})
@@ -88,6 +90,7 @@ def summarise(files: list[Path]) -> str:
         f"teacher {first['teacher_steps']} steps (teacher seed {first.get('teacher_seed', first['seed'])}), "
         f"students {first['student_steps']} steps, batch {first['batch_size']}, student seeds {seeds}"
         + (", students' camera " + ", ".join(f"{k}={v}" for k, v in first["camera"].items()) if first.get("camera") else "")
+        + (f", {first['lidar_sweeps']} LiDAR sweeps" if first.get("lidar_sweeps") is not None else "")
         + ".",
         "Files: " + ", ".join(f"`{f.name}`" for f in files) + ".",
         "",

@@ -195,6 +195,9 @@ class ModelConfig(_Serializable):
             raise ConfigError(f"ModelConfig.depth_bins must be (min>0, max>min, step>0), got {self.depth_bins}")
         if self.num_classes != len(CLASS_NAMES):
             raise ConfigError(f"ModelConfig.num_classes must be {len(CLASS_NAMES)} (nuScenes detection classes)")
+        if self.radar_sweeps < 1 or self.lidar_sweeps < 1:
+            raise ConfigError(f"ModelConfig.radar_sweeps and lidar_sweeps must be >= 1 (the key sweep counts), "
+                              f"got {self.radar_sweeps} and {self.lidar_sweeps}")
         self.grid.validate()
 
 

@@ -100,6 +100,24 @@ def test_camera_overrides_reach_the_students_and_not_the_teacher(capsys):
         assert says in capsys.readouterr().err
 
 
+def test_lidar_sweeps_reach_the_teacher_and_the_students_loader(capsys):
+    teacher = distill_ablation.run_config(distill_ablation.VARIANTS["teacher"], 10, 2, 0, None, lidar_sweeps=10)
+    student = distill_ablation.run_config(distill_ablation.VARIANTS["all"], 10, 2, 0, None,
+                                          camera={"downsample": 8}, lidar_sweeps=10)
+    assert teacher.model.lidar_sweeps == 10 and student.model.lidar_sweeps == 10 and student.model.downsample == 8
+    # without the option both are tiny's, so earlier rounds' teachers and students are reused
+    default = distill_ablation.run_config(distill_ablation.VARIANTS["teacher"], 10, 2, 0, None)
+    assert default.model.lidar_sweeps == 5 and teacher.to_dict() != default.to_dict()
+    meta = {"drive": "/w/d", "drive_seed": None, "teacher_steps": 3600, "student_steps": 4800, "batch_size": 2,
+            "seed": 0, "threads": 1, "settings": {}, "camera": {}, "lidar_sweeps": 10, "writer": None}
+    assert distill_ablation.reproduce_command(meta, [{"variant": "none", "role": "student"}]).endswith(
+        "--variants none --lidar-sweeps 10")
+    assert "--lidar-sweeps" not in distill_ablation.reproduce_command({**meta, "lidar_sweeps": None}, [])
+    with pytest.raises(SystemExit):
+        distill_ablation.main(["--out", "/tmp/unused", "--lidar-sweeps", "0"])
+    assert "lidar_sweeps must be >= 1" in capsys.readouterr().err
+
+
 def test_results_name_the_cpu_and_its_simd_level():
     import torch
 

@@ -80,3 +80,10 @@ def test_students_of_another_camera_are_not_paired_with_the_plain_student(tmp_pa
     with pytest.raises(SystemExit, match="wide.json.*camera"):
         distill_seeds.summarise([old, wide])
     assert "students' camera image_size=[128, 352], downsample=8." in distill_seeds.summarise([wide])
+    # students of a teacher on other LiDAR sweeps learnt from another teacher: not paired either
+    meta["meta"]["lidar_sweeps"] = 10
+    ls10 = tmp_path / "ls10.json"
+    ls10.write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="ls10.json.*lidar_sweeps"):
+        distill_seeds.summarise([wide, ls10])
+    assert "downsample=8, 10 LiDAR sweeps." in distill_seeds.summarise([ls10])
