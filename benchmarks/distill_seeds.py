@@ -23,7 +23,7 @@ from pathlib import Path
 from scipy import stats
 
 from imkd_deploy.atomic import atomic_write_text
-from imkd_deploy.config import SCENE_CONDITIONS
+from imkd_deploy.config import SCENE_CONDITIONS, tiny
 
 SAME = ("drive", "teacher_steps", "student_steps", "batch_size", "val_samples")
 
@@ -72,15 +72,21 @@ def summarise(files: list[Path]) -> str:
         # students with another camera pair only with the plain student of that camera
         if (r["meta"].get("camera") or {}) != (first.get("camera") or {}):
             diff.append("camera")
-        if r["meta"].get("lidar_sweeps") != first.get("lidar_sweeps"):      # None: tiny's default
-            diff.append("lidar_sweeps")
         if diff:
             raise SystemExit(f"{f}: differs from {files[0]} in {diff}; combine only runs of one setting")
+    # Files may hold teachers on other LiDAR sweeps. The plain student reads only the key
+    # sweep (its depth targets), so it trains bit for bit the same at any sweep count
+    # (test_plain_student_does_not_depend_on_the_lidar_sweeps) and pairs across them; the
+    # teachers and their distilled students are told apart by their sweeps.
+    sweeps = {r["meta"].get("lidar_sweeps") or tiny().lidar_sweeps for r in runs}
     seeds = sorted({r["meta"]["seed"] for r in runs})
     rows: dict[str, dict[int, dict]] = {}
     for r in runs:
         for row in r["rows"]:
-            rows.setdefault(_label(row, r["meta"]), {})[r["meta"]["seed"]] = row
+            label = _label(row, r["meta"])
+            if len(sweeps) > 1 and row["variant"] != "none":
+                label += f" [{r['meta'].get('lidar_sweeps') or tiny().lidar_sweeps} LiDAR sweeps]"
+            rows.setdefault(label, {})[r["meta"]["seed"]] = row
     conditions = [c for c in SCENE_CONDITIONS
                   if any(c in row.get("by_condition", {}) for by_seed in rows.values() for row in by_seed.values())]
     lines = [
@@ -90,7 +96,7 @@ def summarise(files: list[Path]) -> str:
         f"teacher {first['teacher_steps']} steps (teacher seed {first.get('teacher_seed', first['seed'])}), "
         f"students {first['student_steps']} steps, batch {first['batch_size']}, student seeds {seeds}"
         + (", students' camera " + ", ".join(f"{k}={v}" for k, v in first["camera"].items()) if first.get("camera") else "")
-        + (f", {first['lidar_sweeps']} LiDAR sweeps" if first.get("lidar_sweeps") is not None else "")
+        + (f", {first['lidar_sweeps']} LiDAR sweeps" if len(sweeps) == 1 and first.get("lidar_sweeps") is not None else "")
         + ".",
         "Files: " + ", ".join(f"`{f.name}`" for f in files) + ".",
         "",
@@ -103,7 +109,8 @@ def summarise(files: list[Path]) -> str:
         ordered = [by_seed[s] for s in seeds if s in by_seed]
         nds, mean_ap = [r["nds"] for r in ordered], [r["map"] for r in ordered]
         paired = [s for s in seeds if s in by_seed and s in base]
-        if name in ("teacher", "none"):
+        reference = name == "none" or name.startswith("teacher")
+        if reference:
             d_nds = d_map = ci_nds = ""
         else:
             diffs = [by_seed[s]["nds"] - base[s]["nds"] for s in paired]
@@ -117,7 +124,7 @@ def summarise(files: list[Path]) -> str:
             have = [s for s in seeds if c in by_seed.get(s, {}).get("by_condition", {})]
             mean_c = statistics.mean(by_seed[s]["by_condition"][c]["nds"] for s in have) if have else None
             pairs = [s for s in have if c in base.get(s, {}).get("by_condition", {})]
-            delta_c = "" if name in ("teacher", "none") else ", " + _delta(
+            delta_c = "" if reference else ", " + _delta(
                 [by_seed[s]["by_condition"][c]["nds"] - base[s]["by_condition"][c]["nds"] for s in pairs])
             cells += f" {mean_c:.3f}{delta_c} |" if mean_c is not None else " — |"
         # one slot per seed of the table, so rows run on fewer seeds stay readable
@@ -129,11 +136,16 @@ def summarise(files: list[Path]) -> str:
               "when every seed shares one teacher.", ""]
     # Files that agree on every SAME key can still hold teachers trained apart (a rebuilt work
     # directory): say so, since the distilled rows then learnt from different teachers.
-    teachers = {r["meta"]["seed"]: row["nds"] for r in runs for row in r["rows"] if row["variant"] == "teacher"}
-    if len({round(v, 6) for v in teachers.values()}) > 1:
-        lines += ["The seeds' files hold different teachers (NDS "
-                  + ", ".join(f"seed {s}: {v:.4f}" for s, v in sorted(teachers.items()))
-                  + "): each distilled student learnt from its own file's teacher.", ""]
+    for label in (name for name in rows if name.startswith("teacher")):
+        teachers = {s: row["nds"] for s, row in rows[label].items()}
+        if len({round(v, 6) for v in teachers.values()}) > 1:
+            lines += [f"The seeds' files hold different teachers{label[len('teacher'):]} (NDS "
+                      + ", ".join(f"seed {s}: {v:.4f}" for s, v in sorted(teachers.items()))
+                      + "): each distilled student learnt from its own file's teacher.", ""]
+    if len(sweeps) > 1:
+        lines += ["The files hold teachers on different LiDAR sweeps; each teacher and distilled row names "
+                  "its sweeps. The plain student reads only the key sweep, so it is the same model at "
+                  "any sweep count and pairs with all of them.", ""]
     return "\n".join(lines)
 
 

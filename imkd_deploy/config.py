@@ -223,6 +223,7 @@ class DistillConfig(_Serializable):
     kd_until: float | None = None  # None: constant level-1/2 weights; a share s of the run: they fall (cosine) to 0 at s*max_steps
     resp_until: float | None = None  # the same schedule for w_resp and w_resp_reg, on its own
     resp_reg_skip: str = ""      # head outputs the regression KD leaves out, "+"-separated (offset|height|dims|rot|vel)
+    kd_skip: str = ""            # scene conditions ("+"-separated day|rain|night) whose samples get no distillation at all
 
     def enabled(self, level: str) -> bool:
         parts = set(self.levels.split("+"))
@@ -247,6 +248,9 @@ class DistillConfig(_Serializable):
         unknown = sorted(set(self.resp_reg_skip.split("+")) - {""} - set(HEAD_OUTPUTS))
         if unknown:
             raise ConfigError(f"DistillConfig.resp_reg_skip: unknown head output(s) {unknown}; use {'|'.join(HEAD_OUTPUTS)}")
+        unknown = sorted(set(self.kd_skip.split("+")) - {""} - set(SCENE_CONDITIONS))
+        if unknown:
+            raise ConfigError(f"DistillConfig.kd_skip: unknown scene condition(s) {unknown}; use {'|'.join(SCENE_CONDITIONS)}")
         for name in ("kd_until", "resp_until"):
             share = getattr(self, name)
             if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0):

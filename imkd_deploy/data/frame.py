@@ -41,6 +41,7 @@ class Frame:
     gt_num_pts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # lidar+radar pts per box
     camera_channels: tuple[str, ...] = ()
     degraded: list[str] = field(default_factory=list)   # one human-readable reason per problem
+    condition: str = ""                 # day | rain | night, from the scene's description ("" unknown)
 
     @property
     def is_degraded(self) -> bool:

@@ -317,9 +317,10 @@ class NuScenesDrive:
         radar = self._radar(sample, global2key, key_time, problem)
         lidar = self._lidar(sample, global2key, key_time, problem) if self.load_lidar else None
         boxes, labels, num_pts = ground_truth_boxes(self.nusc, sample, global2key)
+        scene = self.nusc.get("scene", sample["scene_token"])
         return Frame(
             sample_token=sample_token,
-            scene_name=self.nusc.get("scene", sample["scene_token"])["name"],
+            scene_name=scene["name"], condition=scene_condition(scene),
             timestamp=int(sample["timestamp"]),
             images=images, intrinsics=intrinsics, cam2ego=cam2ego, ego2global=ego2global.copy(),
             img_aug=img_aug, radar_points=radar, lidar_points=lidar,

@@ -5,7 +5,7 @@ detector loses most and where active sensors (LiDAR, radar) keep working, i.e. w
 camera+radar student has the most to learn from a LiDAR teacher. The models here act on
 the rendered or ray-cast output, so a day scene is bit-identical with or without them.
 
-- night: the camera gets ~20% of the daylight signal (street lighting, auto-exposure at its
+- night: the camera gets ~6% of the daylight signal (street lighting, auto-exposure at its
   limit), amplified sensor noise and low-light blur; LiDAR and radar are unchanged.
 - rain: the camera sees haze (contrast lost to a grey veil), blur and a darker overcast
   sky; LiDAR returns are attenuated with range (two-way extinction, ~0.004 /m: moderate

@@ -55,10 +55,11 @@ class FrameDataset(Dataset):
     ``cache_size`` keeps that many processed samples in memory: a tiny-config sample is
     ~0.6 MB (uint8 images), and decoding JPEGs + sweeps dominates a CPU step otherwise."""
 
-    def __init__(self, frames, cfg: ModelConfig, role: str, cache_size: int = 0):
+    def __init__(self, frames, cfg: ModelConfig, role: str, cache_size: int = 0, kd_skip: frozenset[str] = frozenset()):
         if role not in ("teacher", "student"):
             raise ValueError(f"unknown role '{role}'")
         self.frames, self.cfg, self.role = frames, cfg, role
+        self.kd_skip = kd_skip
         self.cache_size = cache_size
         self._cache: OrderedDict[int, dict] = OrderedDict()
 
@@ -68,7 +69,13 @@ class FrameDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         if i in self._cache:
             return self._cache[i]
-        sample = training_sample(self.frames[i], self.cfg, self.role)
+        frame = self.frames[i]
+        sample = training_sample(frame, self.cfg, self.role)
+        if self.kd_skip:
+            if not frame.condition:
+                raise ValueError(f"frame {frame.sample_token} (scene {frame.scene_name}): DistillConfig.kd_skip needs "
+                                 "the scene's condition, which comes from its description in a nuScenes drive")
+            sample["kd_keep"] = np.float32(frame.condition not in self.kd_skip)
         if self.cache_size:
             self._cache[i] = sample
             while len(self._cache) > self.cache_size:
@@ -83,7 +90,7 @@ def collate(samples: list[dict], cfg: ModelConfig) -> dict:
     if "lidar" in samples[0]:
         lp, lc = batch_pillars([s["lidar"] for s in samples], cfg.grid)
         batch["lidar_pillars"], batch["lidar_coords"] = torch.from_numpy(lp), torch.from_numpy(lc)
-    for key in ("heatmap", "index", "mask", "reg", "depth_target"):
+    for key in ("heatmap", "index", "mask", "reg", "depth_target", "kd_keep"):
         if key in samples[0]:
             batch[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
     return batch

@@ -213,6 +213,16 @@ class IMKDCriterion(nn.Module):
             weights["depth"] = d.w_depth
         if self.needs_teacher and teacher is None:
             raise ValueError("distillation levels are enabled but no teacher outputs were given")
+        kd_terms, kept = len(terms), 1.0
+        if "kd_keep" in batch and self.needs_teacher:
+            # Samples of DistillConfig.kd_skip's conditions leave every distillation term; the rest
+            # keep their own normalisation, so a half-skipped batch is not a half-weighted one. A
+            # batch with none left still computes the terms, times 0, so that the adapters take
+            # part in every step (DDP expects each parameter to receive a gradient).
+            rows = batch["kd_keep"].nonzero().flatten()
+            if 0 < len(rows) < len(batch["kd_keep"]):
+                out, batch, teacher = (_rows(x, rows, len(batch["kd_keep"])) for x in (out, batch, teacher))
+            kept = float(len(rows) > 0)
         if self.use_radar:
             terms["radar_kd"] = radar_distill_loss(self.radar_adapter(out["radar_bev"][:, :self.radar_in]), teacher["lidar_bev"],
                                                    teacher["lidar_intensity"],
@@ -229,5 +239,13 @@ class IMKDCriterion(nn.Module):
         if self.use_resp_reg:
             terms["resp_reg_kd"] = REG_WEIGHT * response_regression_loss(out, teacher, batch["heatmap"], self.resp_reg_code)
             weights["resp_reg_kd"] = d.w_resp_reg * self.resp_scale
+        if not kept:
+            terms.update({k: v * 0.0 for k, v in list(terms.items())[kd_terms:]})
         terms["total"] = sum(weights[k] * v for k, v in terms.items())
         return terms
+
+
+def _rows(tensors: dict, rows: torch.Tensor, batch_size: int) -> dict:
+    """The batch entries of ``rows`` (tensors whose first dimension is the batch; others as they are)."""
+    return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch_size else v
+            for k, v in tensors.items()}

@@ -248,7 +248,8 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
             from imkd_deploy.data.loader import NuScenesDrive
 
             frames = NuScenesDrive(dataroot, version, cfg, split=split, load_lidar=True)
-        dataset = FrameDataset(frames, cfg, role, cache_size=len(frames))
+        skip = frozenset(run_cfg.distill.kd_skip.split("+")) - {""} if criterion.needs_teacher else frozenset()
+        dataset = FrameDataset(frames, cfg, role, cache_size=len(frames), kd_skip=skip)
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed, drop_last=True)
 
         optimizer = torch.optim.AdamW(step_module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)

@@ -13,8 +13,8 @@ from nuscenes.utils.geometry_utils import points_in_box, view_points
 from nuscenes.utils.splits import create_splits_scenes
 from pyquaternion import Quaternion
 
-from imkd_deploy.config import CAMERA_CHANNELS, CLASS_NAMES, RADAR_CHANNELS
-from imkd_deploy.data.loader import scenes_by_condition
+from imkd_deploy.config import CAMERA_CHANNELS, CLASS_NAMES, RADAR_CHANNELS, tiny
+from imkd_deploy.data.loader import NuScenesDrive, scenes_by_condition
 from imkd_deploy.data.synth import SynthConfig, build_scene, write_drive
 from imkd_deploy.data.synth_camera import make_view, render_camera
 from imkd_deploy.data.synth_lidar import cast_lidar
@@ -394,6 +394,10 @@ def test_mixed_conditions_drive_names_them_and_darkens_night_images(tmp_path):
     assert not desc["scene-0061"].startswith(("Rain", "Night"))
     assert scenes_by_condition(nusc, list(desc)) == {"day": ["scene-0061", "scene-0103"], "rain": ["scene-0553"],
                                                      "night": ["scene-0916"]}
+    # the loader hands each frame its scene's condition (DistillConfig.kd_skip reads it)
+    drive = NuScenesDrive(tmp_path / "m", cfg.version, tiny(), scenes=["scene-0103", "scene-0553", "scene-0916"])
+    assert {drive[i].scene_name: drive[i].condition for i in range(0, len(drive), 2)} == {
+        "scene-0103": "day", "scene-0553": "rain", "scene-0916": "night"}
 
     def mean_brightness(scene_name: str) -> float:
         scene = next(s for s in nusc.scene if s["name"] == scene_name)

@@ -80,10 +80,25 @@ def test_students_of_another_camera_are_not_paired_with_the_plain_student(tmp_pa
     with pytest.raises(SystemExit, match="wide.json.*camera"):
         distill_seeds.summarise([old, wide])
     assert "students' camera image_size=[128, 352], downsample=8." in distill_seeds.summarise([wide])
-    # students of a teacher on other LiDAR sweeps learnt from another teacher: not paired either
     meta["meta"]["lidar_sweeps"] = 10
     ls10 = tmp_path / "ls10.json"
     ls10.write_text(json.dumps(meta))
-    with pytest.raises(SystemExit, match="ls10.json.*lidar_sweeps"):
-        distill_seeds.summarise([wide, ls10])
     assert "downsample=8, 10 LiDAR sweeps." in distill_seeds.summarise([ls10])
+
+
+def test_teachers_on_other_lidar_sweeps_keep_their_rows_and_share_the_plain_student(tmp_path):
+    teacher5, teacher10 = ({**_row("teacher", nds, 0.6), "role": "teacher"} for nds in (0.630, 0.640))
+    plain = [_write(tmp_path, f"s{s}_none", s, [teacher5, _row("none", 0.49 - 0.004 * s, 0.36)]) for s in (0, 1)]
+    kd = []
+    for s, nds in ((0, 0.480), (1, 0.470)):
+        path = _write(tmp_path, f"s{s}_ls10", s, [teacher10, _row("all", nds, 0.35)])
+        run = json.loads(path.read_text())
+        run["meta"]["lidar_sweeps"] = 10
+        path.write_text(json.dumps(run))
+        kd.append(path)
+    table = distill_seeds.summarise(plain + kd)
+    assert _table_row(table, "teacher [5 LiDAR sweeps]")[2] == "0.630 / 0.630"
+    assert _table_row(table, "teacher [10 LiDAR sweeps]")[2] == "0.640 / 0.640"
+    # all - none: 0.480 - 0.490 and 0.470 - 0.486
+    assert _table_row(table, "all [10 LiDAR sweeps]")[5] == "-1.3 ± 0.4 (-1.0, -1.6)"
+    assert "different teachers" not in table and "different LiDAR sweeps" in table

@@ -274,3 +274,44 @@ def test_depth_targets_come_from_the_key_sweep_only():
     lo, _, step = cfg.depth_bins
     assert (mixed != IGNORE).sum() == 1
     assert mixed[mixed != IGNORE][0] == int((20.0 - lo) // step)
+
+
+def test_kd_skip_takes_the_skipped_samples_out_of_every_distillation_term():
+    """A batch of a night and a day sample under kd_skip=night: each distillation term equals the
+    day sample's alone (its own normalisation, not half of it); the detection terms keep both."""
+    cfg = tiny().replace(radar_channels=8, lidar_channels=8, fused_channels=12, bev_encoder_channels=12)
+    torch.manual_seed(0)
+    crit = IMKDCriterion(cfg, DistillConfig(levels="all", w_resp=1.0, w_resp_reg=1.0, kd_skip="night"), "student")
+    grid, r = cfg.grid, _maps(2)
+    one = _one_box_batch(grid)
+    batch = {k: torch.cat([v, v]) for k, v in one.items()}
+
+    def outputs():
+        student = _student_out(r, grid, radar_bev=r(1, 8, grid.ny, grid.nx), fused=r(1, 12, grid.ny, grid.nx),
+                               radar_occupancy=(r(1, 1, grid.ny, grid.nx) > 0.5).float())
+        teacher = {"lidar_bev": r(1, 8, grid.ny, grid.nx), "feature": r(1, 12, grid.ny, grid.nx),
+                   "lidar_intensity": torch.sigmoid(r(1, 1, grid.ny, grid.nx)),
+                   **{k: r(1, c, grid.ny, grid.nx) for k, c in (("heatmap", 10), *HEAD_OUTPUTS.items())}}
+        return student, teacher
+
+    (s_night, t_night), (s_day, t_day) = outputs(), outputs()
+    # the night student is far off its teacher, so any share of it would show in the terms
+    s_night = {k: 5 * v if k in ("radar_bev", "fused", "heatmap", *HEAD_OUTPUTS) else v for k, v in s_night.items()}
+    student = {k: torch.cat([s_night[k], s_day[k]]) for k in s_day}
+    teacher = {k: torch.cat([t_night[k], t_day[k]]) for k in t_day}
+    kd = ("radar_kd", "fused_kd", "resp_kd", "resp_reg_kd")
+    both = crit(student, batch, teacher)
+    day = crit(s_day, one, t_day)
+    skipped = crit(student, dict(batch, kd_keep=torch.tensor([0.0, 1.0])), teacher)
+    for k in kd:
+        assert float(skipped[k].detach()) == pytest.approx(float(day[k].detach()), rel=1e-5), k
+        assert float(skipped[k].detach()) < 0.8 * float(both[k].detach()), k
+    assert float(skipped["heatmap"].detach()) == pytest.approx(float(both["heatmap"].detach()))
+    # a batch of night samples only: every distillation term is 0, the adapters still get a gradient
+    student = {k: v.requires_grad_() if k in ("radar_bev", "fused") else v for k, v in student.items()}
+    night = crit(student, dict(batch, kd_keep=torch.zeros(2)), teacher)
+    assert all(float(night[k].detach()) == 0 for k in kd)
+    night["total"].backward()
+    assert crit.radar_adapter.weight.grad is not None and float(student["radar_bev"].grad.abs().sum()) == 0
+    with pytest.raises(ConfigError, match="kd_skip"):
+        DistillConfig(kd_skip="dusk").validate()

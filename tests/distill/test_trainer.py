@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -97,6 +98,42 @@ def test_student_trains_under_bf16_autocast(in_own_process, tmp_path, frames, te
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in result.net.parameters())
     with pytest.raises(ConfigError, match="TrainConfig.amp"):
         TrainConfig(amp="fp8").validate()
+
+
+def test_plain_student_does_not_depend_on_the_lidar_sweeps(tmp_path, frames):
+    """The plain student reads LiDAR only for its depth targets, from the key sweep, so a teacher
+    on more sweeps leaves it unchanged bit for bit; distill_seeds.py pairs it across sweeps on this."""
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(3)
+    older = []
+    for f in frames:
+        # older sweeps: the object points 0.45 s back, shifted as a moving object would be
+        past = f.lidar_points[f.lidar_points[:, 3] > 100].copy()
+        past[:, :2] += rng.normal(0, 1.0, (1, 2))
+        past[:, 4] = 0.45
+        older.append(dataclasses.replace(f, lidar_points=np.concatenate([f.lidar_points, past])))
+    weights = []
+    for n, drive in ((5, frames), (10, older)):
+        rc = run_cfg(max_steps=2)
+        rc = rc.replace(model=rc.model.replace(lidar_sweeps=n).to_dict())
+        net = fit(rc, None, tmp_path / f"ls{n}", role="student", frames=drive, progress=False).net
+        weights.append(net.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    for k, v in weights[0].items():
+        assert torch.equal(v, weights[1][k]), k
+
+
+def test_kd_skip_trains_and_needs_the_frames_conditions(tmp_path, frames, teacher_ckpt):
+    torch.set_num_threads(1)
+    rc = run_cfg("all", max_steps=2)
+    rc = rc.replace(distill=rc.distill.replace(kd_skip="night").to_dict())
+    with pytest.raises(ValueError, match=r"frame tok1_\d+ \(scene scene-fake\): DistillConfig.kd_skip needs the scene's condition"):
+        fit(rc, None, tmp_path / "unknown", teacher_ckpt, frames=frames, progress=False)
+    # every sample at night: two steps without a distillation term, detection still trains
+    night = [dataclasses.replace(f, condition="night") for f in frames]
+    fit(rc, None, tmp_path / "night", teacher_ckpt, frames=night, progress=False)
+    m = metrics(tmp_path / "night")
+    assert all(r["radar_kd"] == 0 and r["fused_kd"] == 0 and r["heatmap"] > 0 for r in m)
 
 
 def test_checkpoint_round_trip(tmp_path):
