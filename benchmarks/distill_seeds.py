@@ -78,14 +78,17 @@ def summarise(files: list[Path]) -> str:
     # sweep (its depth targets), so it trains bit for bit the same at any sweep count
     # (test_plain_student_does_not_depend_on_the_lidar_sweeps) and pairs across them; the
     # teachers and their distilled students are told apart by their sweeps.
-    sweeps = {r["meta"].get("lidar_sweeps") or tiny().lidar_sweeps for r in runs}
+    def lidar_sweeps(meta: dict) -> int:
+        return meta.get("lidar_sweeps") or tiny().lidar_sweeps      # None: tiny's default
+
+    sweeps = {lidar_sweeps(r["meta"]) for r in runs}
     seeds = sorted({r["meta"]["seed"] for r in runs})
     rows: dict[str, dict[int, dict]] = {}
     for r in runs:
         for row in r["rows"]:
             label = _label(row, r["meta"])
             if len(sweeps) > 1 and row["variant"] != "none":
-                label += f" [{r['meta'].get('lidar_sweeps') or tiny().lidar_sweeps} LiDAR sweeps]"
+                label += f" [{lidar_sweeps(r['meta'])} LiDAR sweeps]"
             rows.setdefault(label, {})[r["meta"]["seed"]] = row
     conditions = [c for c in SCENE_CONDITIONS
                   if any(c in row.get("by_condition", {}) for by_seed in rows.values() for row in by_seed.values())]

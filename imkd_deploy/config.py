@@ -225,6 +225,11 @@ class DistillConfig(_Serializable):
     resp_reg_skip: str = ""      # head outputs the regression KD leaves out, "+"-separated (offset|height|dims|rot|vel)
     kd_skip: str = ""            # scene conditions ("+"-separated day|rain|night) whose samples get no distillation at all
 
+    @property
+    def skip_conditions(self) -> frozenset[str]:
+        """``kd_skip`` as a set of scene conditions."""
+        return frozenset(self.kd_skip.split("+")) - {""}
+
     def enabled(self, level: str) -> bool:
         parts = set(self.levels.split("+"))
         if "none" in parts:
@@ -248,7 +253,7 @@ class DistillConfig(_Serializable):
         unknown = sorted(set(self.resp_reg_skip.split("+")) - {""} - set(HEAD_OUTPUTS))
         if unknown:
             raise ConfigError(f"DistillConfig.resp_reg_skip: unknown head output(s) {unknown}; use {'|'.join(HEAD_OUTPUTS)}")
-        unknown = sorted(set(self.kd_skip.split("+")) - {""} - set(SCENE_CONDITIONS))
+        unknown = sorted(self.skip_conditions - set(SCENE_CONDITIONS))
         if unknown:
             raise ConfigError(f"DistillConfig.kd_skip: unknown scene condition(s) {unknown}; use {'|'.join(SCENE_CONDITIONS)}")
         for name in ("kd_until", "resp_until"):

@@ -213,7 +213,7 @@ class IMKDCriterion(nn.Module):
             weights["depth"] = d.w_depth
         if self.needs_teacher and teacher is None:
             raise ValueError("distillation levels are enabled but no teacher outputs were given")
-        kd_terms, kept = len(terms), 1.0
+        kd_terms, kept = len(terms), True
         if "kd_keep" in batch and self.needs_teacher:
             # Samples of DistillConfig.kd_skip's conditions leave every distillation term; the rest
             # keep their own normalisation, so a half-skipped batch is not a half-weighted one. A
@@ -222,7 +222,7 @@ class IMKDCriterion(nn.Module):
             rows = batch["kd_keep"].nonzero().flatten()
             if 0 < len(rows) < len(batch["kd_keep"]):
                 out, batch, teacher = (_rows(x, rows, len(batch["kd_keep"])) for x in (out, batch, teacher))
-            kept = float(len(rows) > 0)
+            kept = len(rows) > 0
         if self.use_radar:
             terms["radar_kd"] = radar_distill_loss(self.radar_adapter(out["radar_bev"][:, :self.radar_in]), teacher["lidar_bev"],
                                                    teacher["lidar_intensity"],

@@ -248,7 +248,7 @@ def fit(run_cfg: RunConfig, dataroot: str | Path | None, out_dir: str | Path, te
             from imkd_deploy.data.loader import NuScenesDrive
 
             frames = NuScenesDrive(dataroot, version, cfg, split=split, load_lidar=True)
-        skip = frozenset(run_cfg.distill.kd_skip.split("+")) - {""} if criterion.needs_teacher else frozenset()
+        skip = run_cfg.distill.skip_conditions if criterion.needs_teacher else frozenset()
         dataset = FrameDataset(frames, cfg, role, cache_size=len(frames), kd_skip=skip)
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed, drop_last=True)
 
