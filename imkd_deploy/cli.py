@@ -59,6 +59,7 @@ def data_synth(
     conditions: str = typer.Option("day", help="day, rain or night for every scene, or mixed: a nuScenes-like share of rain and night scenes (the scene description names them)."),
     radar_clutter: str = typer.Option("light", help="light: random radar clutter only; urban: also fixed roadside reflectors (poles, signs, rails) with car-like RCS and the ARS408's wide-angle azimuth error."),
     radar_rcs: str = typer.Option("class", help="class: each return's RCS about its class mean; swerling: also the Swerling I aspect fluctuation of real targets (5.6 dB), so one return's RCS tells less of the class."),
+    night_lighting: str = typer.Option("street", help="Night scenes' camera. street: ambient street light only, objects are dim silhouettes; lamps: also the head and tail lamps of moving vehicles and the ego's low beams (road ahead lit, reflective stripes bright). Day and rain scenes are the same either way."),
 ) -> None:
     """Write a synthetic recorded drive in the real nuScenes on-disk format (offline, deterministic)."""
     from imkd_deploy.data.synth import SynthConfig, write_drive
@@ -69,7 +70,8 @@ def data_synth(
         _fail(UserError(f"--image-size must look like 800x450, got '{image_size}'"))
     try:
         summary = write_drive(out_dir, SynthConfig(version=version, num_scenes=scenes, samples_per_scene=samples, image_width=w, image_height=h, seed=seed,
-                                                     conditions=conditions, radar_clutter=radar_clutter, radar_rcs=radar_rcs))
+                                                     conditions=conditions, radar_clutter=radar_clutter, radar_rcs=radar_rcs,
+                                                     night_lighting=night_lighting))
     except UserError as exc:
         _fail(exc)
     out.print(summary.pretty())

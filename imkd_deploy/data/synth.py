@@ -37,8 +37,8 @@ import numpy as np
 
 from imkd_deploy.config import CAMERA_CHANNELS, CLASS_NAMES, LIDAR_CHANNEL, RADAR_CHANNELS, SCENE_CONDITIONS
 from imkd_deploy.data import synth_tables as T
-from imkd_deploy.data.synth_camera import CameraView, make_view, render_camera
-from imkd_deploy.data.synth_conditions import attenuate_lidar, condition_of, degrade_image
+from imkd_deploy.data.synth_camera import CameraView, make_view, render_camera, render_night
+from imkd_deploy.data.synth_conditions import NIGHT_LIGHTING, attenuate_lidar, condition_of, degrade_image
 from imkd_deploy.data.synth_ground import LABEL_INTENSITY, GroundMap, rasterise_road
 from imkd_deploy.data.synth_lidar import cast_lidar
 from imkd_deploy.data.synth_radar import RADAR_CLUTTER, RADAR_RCS, make_reflectors, simulate_radar
@@ -72,6 +72,7 @@ class SynthConfig:
     conditions: str = "day"           # day | rain | night for every scene, or mixed (synth_conditions.MIXED_CYCLE)
     radar_clutter: str = "light"      # light: random clutter only | urban: + fixed roadside reflectors, wide-angle azimuth error
     radar_rcs: str = "class"          # class: RCS about the class mean | swerling: + Swerling I aspect fluctuation
+    night_lighting: str = "street"    # street: ambient light only | lamps: + vehicle lamps and the ego's low beams
     workers: int = 0                  # scene-parallel processes; 0 = auto (one per core for big drives), 1 = in process
 
     def validate(self) -> None:
@@ -89,6 +90,8 @@ class SynthConfig:
             raise UserError(f"radar_clutter must be one of {', '.join(RADAR_CLUTTER)}, got {self.radar_clutter!r}")
         if self.radar_rcs not in RADAR_RCS:
             raise UserError(f"radar_rcs must be one of {', '.join(RADAR_RCS)}, got {self.radar_rcs!r}")
+        if self.night_lighting not in NIGHT_LIGHTING:
+            raise UserError(f"night_lighting must be one of {', '.join(NIGHT_LIGHTING)}, got {self.night_lighting!r}")
         if self.workers < 0:
             raise UserError(f"workers must be >= 0 (0 = one per CPU core), got {self.workers}")
         if self.is_mini and self.num_scenes > len(MINI_SCENE_ORDER):
@@ -372,9 +375,14 @@ class SceneWriter:
         sun_ego = np.array([c * self.sun[0] - s * self.sun[1], s * self.sun[0] + c * self.sun[1], self.sun[2]])
         o = self.world.objects
         view = self.views[ch]
-        img = render_camera(view, ego2global, self.ground, boxes[:, :7], o.cls, o.colour, self.rider, sun_ego)
+        args = (view, ego2global, self.ground, boxes[:, :7], o.cls, o.colour, self.rider, sun_ego)
+        light = None
+        if self.condition == "night" and self.cfg.night_lighting == "lamps":
+            img, light = render_night(*args, lamps_on=~self.static)   # parked vehicles are dark
+        else:
+            img = render_camera(*args)
         sky = (view.ground_weight == 0) & (img == view.backdrop).all(-1) if self.condition == "night" else None
-        return degrade_image(img, self.condition, rng, sky)
+        return degrade_image(img, self.condition, rng, sky, light)
 
     # ---------------------------------------------------------------- write
     def write(self) -> None:

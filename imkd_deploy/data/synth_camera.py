@@ -9,16 +9,23 @@ horizontal bands (windows, reflective stripes) on their side faces. Faces are ba
 culled, clipped at the near plane, projected and filled with cv2.fillPoly far-to-near
 (painter's algorithm), shaded by a per-scene sun. Sizes vary per instance, so one image
 cannot tell a small near car from a big far one; shape and colour still tell the class.
+
+Night with lamps (``render_night``): the same faces, plus the lit head and tail lamps of
+moving vehicles, fill a second, float image with the light at each pixel (ambient street
+light, the ego's low beams, lamp glow) in the same painter's order, so an occluded lamp
+stays hidden; ``synth_conditions.degrade_image`` multiplies the render by it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 
 from imkd_deploy.config import CLASS_NAMES
+from imkd_deploy.data.synth_conditions import NIGHT_GAIN, RETRO, headlight
 from imkd_deploy.data.synth_ground import GroundMap
 
 SKY_TOP, SKY_HORIZON = np.array([95, 140, 205], np.float32), np.array([200, 215, 230], np.float32)
@@ -52,6 +59,21 @@ _P = {
 }
 # Cycles without a rider drop their rider parts (the last two).
 _RIDER_PARTS = {"motorcycle": 2, "bicycle": 2}
+# Reflective stripes (cones, barriers, trailers' rear bumpers) send the low beams back.
+_REFLECTIVE = {WHITE, RED}
+# Lamps of a lit vehicle at night: (part index, face: 0 rear | 1 front, u0, u1 across the face
+# from one side, z0, z1 up the part), mirrored to the other side unless centred (u0 + u1 = 1).
+_HEAD, _TAIL = (250, 245, 225), (235, 30, 25)
+LAMP_LIGHT = {_HEAD: 2.5, _TAIL: 1.0}   # fraction of daylight: head lamps saturate, tail lamps glow red
+_LAMPS = {
+    "car": [(1, 1, .06, .24, .55, .85, _HEAD), (1, 0, .04, .2, .6, .85, _TAIL)],
+    "truck": [(2, 1, .06, .22, .05, .2, _HEAD), (1, 0, .04, .14, .02, .1, _TAIL)],
+    "bus": [(1, 1, .06, .2, .06, .14, _HEAD), (1, 0, .05, .15, .06, .14, _TAIL)],
+    "trailer": [(1, 0, .04, .14, .14, .22, _TAIL)],
+    "construction_vehicle": [(1, 1, .1, .25, .7, .9, _HEAD), (1, 0, .05, .18, .6, .85, _TAIL)],
+    "motorcycle": [(1, 1, .3, .7, .3, .8, _HEAD), (1, 0, .3, .7, .3, .8, _TAIL)],
+    "bicycle": [(0, 1, .2, .8, .75, .95, _HEAD), (0, 0, .2, .8, .75, .95, _TAIL)],
+}
 # Faces of a unit cube, corners indexed by bits (x, y, z); vertical faces list bottom, bottom, top, top.
 _FACES = np.array([[0, 2, 6, 4], [1, 3, 7, 5], [0, 1, 5, 4], [2, 3, 7, 6], [0, 1, 3, 2], [4, 6, 7, 5]])
 _FACE_NORMALS = np.array([[-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]], np.float64)
@@ -71,6 +93,7 @@ class CameraView:
     ground_weight: np.ndarray  # (H, W) float32: 1 - fog on the ground, 0 in the sky
     backdrop: np.ndarray       # (H, W, 3) uint8: sky above the horizon, fog colour below
     tan_half_fov: tuple[float, float]   # horizontal, vertical: for frustum culling
+    night_light: np.ndarray    # (H, W) float32: light of the background at night with the ego's low beams on
 
 
 def make_view(k: np.ndarray, cam2ego: np.ndarray, width: int, height: int) -> CameraView:
@@ -89,9 +112,12 @@ def make_view(k: np.ndarray, cam2ego: np.ndarray, width: int, height: int) -> Ca
     weight = np.where(down, 1 - np.clip(dist / FOG_DIST, 0, 1) ** 0.7, 0.0)
     tan_h = max(k[0, 2], width - k[0, 2]) / k[0, 0]
     tan_v = max(k[1, 2], height - k[1, 2]) / k[1, 1]
+    road = np.concatenate([xy, np.zeros((1, xy.shape[1]))]).T
+    night = NIGHT_GAIN + np.where(down, headlight(road), 0.0)
     return CameraView(k, cam2ego, width, height, xy.T.reshape(height, width, 2).astype(np.float32),
                       weight.reshape(height, width).astype(np.float32),
-                      np.round(backdrop).reshape(height, width, 3).astype(np.uint8), (tan_h, tan_v))
+                      np.round(backdrop).reshape(height, width, 3).astype(np.uint8), (tan_h, tan_v),
+                      night.reshape(height, width).astype(np.float32))
 
 
 def _background(view: CameraView, ego2global: np.ndarray, ground: GroundMap) -> np.ndarray:
@@ -107,9 +133,41 @@ def _background(view: CameraView, ego2global: np.ndarray, ground: GroundMap) -> 
     return cv2.blendLinear(rgb, view.backdrop, view.ground_weight, 1.0 - view.ground_weight)
 
 
-def _part_polygons(boxes: np.ndarray, cls: np.ndarray, colour: np.ndarray, rider: np.ndarray):
-    """3D polygons (ego frame) of every part face and band: corners (F, 4, 3), rgb, normal, parent id."""
-    corners, rgb, normals, parent, order = [], [], [], [], []
+class _Polygons(NamedTuple):
+    corners: np.ndarray   # (F, 4, 3) ego frame
+    rgb: np.ndarray       # (F, 3) float32, before shading
+    normals: np.ndarray   # (F, 3)
+    parent: np.ndarray    # (F,) id of the face a polygon lies on (its own id for a face)
+    order: np.ndarray     # (F,) drawing order among a face's polygons: 0 the face, then bands, then lamps
+    reflective: np.ndarray  # (F,) bool, reflective stripes
+    glow: np.ndarray      # (F,) light of a lit lamp (fraction of daylight), 0 elsewhere
+
+
+def _on_faces(fc: np.ndarray, u0: float, u1: float, v0: float, v1: float) -> np.ndarray:
+    """(n, k, 4, 3) patches of the vertical faces ``fc`` (n, k, 4, 3), corners 0, 1 along the
+    bottom edge, 3 above 0 and 2 above 1: u across the face, v up it (u = 0 and 1 are exactly
+    the face's edges, so a full-width band shares them)."""
+    def edges(v):
+        return fc[:, :, 0] + (fc[:, :, 3] - fc[:, :, 0]) * v, fc[:, :, 1] + (fc[:, :, 2] - fc[:, :, 1]) * v
+
+    (l0, r0), (l1, r1) = edges(v0), edges(v1)
+    return np.stack([l0 * (1 - u0) + r0 * u0, l0 * (1 - u1) + r0 * u1, l1 * (1 - u1) + r1 * u1, l1 * (1 - u0) + r1 * u0], 2)
+
+
+def _part_polygons(boxes: np.ndarray, cls: np.ndarray, colour: np.ndarray, rider: np.ndarray,
+                   lamps_on: np.ndarray | None = None) -> _Polygons:
+    """3D polygons (ego frame) of every part face, band and (for ``lamps_on`` objects) lit lamp."""
+    corners, rgb, normals, parent, order, reflective, glow = [], [], [], [], [], [], []
+
+    def add(c, col, nrm, par, o, refl=False, g=0.0):
+        corners.append(c.reshape(-1, 4, 3))
+        rgb.append(col)
+        normals.append(nrm.reshape(-1, 3))
+        parent.append(par)
+        order.append(np.full(len(par), float(o)))
+        reflective.append(np.full(len(par), refl))
+        glow.append(np.full(len(par), g))
+
     part_id = 0
     for name_i, name in enumerate(CLASS_NAMES):
         sel = np.nonzero(cls == name_i)[0]
@@ -135,27 +193,27 @@ def _part_polygons(boxes: np.ndarray, cls: np.ndarray, colour: np.ndarray, rider
             base = colour[use].astype(np.float32) * tint if col is None else np.tile(np.array(col, np.float32), (len(b), 1))
             n = len(b)
             ids = np.arange(part_id, part_id + n)
-            corners.append(fc.reshape(-1, 4, 3))
-            rgb.append(np.repeat(base, 6, 0))
-            normals.append(nrm.reshape(-1, 3))
-            parent.append(np.repeat(ids, 6) * 6 + np.tile(np.arange(6), n))
-            order.append(np.zeros(n * 6))
+            add(fc, np.repeat(base, 6, 0), nrm, np.repeat(ids, 6) * 6 + np.tile(np.arange(6), n), 0)
+            vertical_ids = np.repeat(ids, 4) * 6 + np.tile(np.nonzero(_VERTICAL)[0], n)
             for bi, (f0, f1, bcol) in enumerate(bands):
                 # Bands on the 4 vertical faces: corners 0,1 are bottom, 2,3 top for those faces.
-                vf = fc[:, _VERTICAL]                                          # (n, 4, 4, 3)
-                bot, top = vf[:, :, [0, 1]], vf[:, :, [3, 2]]
-                lo_e, hi_e = bot + (top - bot) * f0, bot + (top - bot) * f1
-                band = np.concatenate([lo_e, hi_e[:, :, ::-1]], 2)                # (n, 4, 4, 3)
-                corners.append(band.reshape(-1, 4, 3))
-                rgb.append(np.tile(np.array(bcol, np.float32), (n * 4, 1)))
-                normals.append(nrm[:, _VERTICAL].reshape(-1, 3))
-                parent.append((np.repeat(ids, 4) * 6 + np.tile(np.nonzero(_VERTICAL)[0], n)))
-                order.append(np.full(n * 4, bi + 1.0))
+                add(_on_faces(fc[:, _VERTICAL], 0.0, 1.0, f0, f1), np.tile(np.array(bcol, np.float32), (n * 4, 1)),
+                    nrm[:, _VERTICAL], vertical_ids, bi + 1, refl=bcol in _REFLECTIVE)
+            if lamps_on is not None:
+                lit = np.nonzero(lamps_on[use])[0]
+                for lp, face, u0, u1, v0, v1, lcol in _LAMPS.get(name, ()):
+                    if lp != p_i or not len(lit):
+                        continue
+                    spans = [(u0, u1)] if abs(u0 + u1 - 1) < 1e-9 else [(u0, u1), (1 - u1, 1 - u0)]
+                    for u0_, u1_ in spans:
+                        add(_on_faces(fc[lit, face:face + 1], u0_, u1_, v0, v1),
+                            np.tile(np.array(lcol, np.float32), (len(lit), 1)), nrm[lit, face],
+                            ids[lit] * 6 + face, len(bands) + 1, g=LAMP_LIGHT[lcol])
             part_id += n
     if not corners:
-        return np.zeros((0, 4, 3)), np.zeros((0, 3), np.float32), np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0)
-    return (np.concatenate(corners), np.concatenate(rgb), np.concatenate(normals),
-            np.concatenate(parent), np.concatenate(order))
+        return _Polygons(np.zeros((0, 4, 3)), np.zeros((0, 3), np.float32), np.zeros((0, 3)), np.zeros(0, np.int64),
+                         np.zeros(0), np.zeros(0, bool), np.zeros(0))
+    return _Polygons(*(np.concatenate(x) for x in (corners, rgb, normals, parent, order, reflective, glow)))
 
 
 def _footprints(boxes: np.ndarray) -> np.ndarray:
@@ -184,7 +242,22 @@ def _clip_near(poly: np.ndarray) -> np.ndarray:
 def render_camera(view: CameraView, ego2global: np.ndarray, ground: GroundMap, boxes_ego: np.ndarray,
                   cls: np.ndarray, colour: np.ndarray, rider: np.ndarray, sun_ego: np.ndarray) -> np.ndarray:
     """An (H, W, 3) uint8 RGB image. boxes_ego: (N, 7) x, y, z, w, l, h, yaw in the ego frame."""
+    return _render(view, ego2global, ground, boxes_ego, cls, colour, rider, sun_ego, None)[0]
+
+
+def render_night(view: CameraView, ego2global: np.ndarray, ground: GroundMap, boxes_ego: np.ndarray,
+                 cls: np.ndarray, colour: np.ndarray, rider: np.ndarray, sun_ego: np.ndarray,
+                 lamps_on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``render_camera`` with the lamps of the ``lamps_on`` (N,) objects drawn, and the light
+    at each pixel at night: (H, W) float32, a fraction of daylight (``degrade_image``'s ``light``)."""
+    return _render(view, ego2global, ground, boxes_ego, cls, colour, rider, sun_ego, lamps_on)
+
+
+def _render(view: CameraView, ego2global: np.ndarray, ground: GroundMap, boxes_ego: np.ndarray, cls: np.ndarray,
+            colour: np.ndarray, rider: np.ndarray, sun_ego: np.ndarray,
+            lamps_on: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     img = _background(view, ego2global, ground)
+    light = None if lamps_on is None else view.night_light.copy()
 
     ego2cam = np.linalg.inv(view.cam2ego)
     cam_pos = view.cam2ego[:3, 3]
@@ -196,12 +269,14 @@ def render_camera(view: CameraView, ego2global: np.ndarray, ground: GroundMap, b
             & (np.abs(rel[:, 0]) - r * np.sqrt(1 + th**2) <= rel[:, 2] * th)
             & (np.abs(rel[:, 1]) - r * np.sqrt(1 + tv**2) <= rel[:, 2] * tv))
     if not near.any():
-        return img
+        return img, light
     b = boxes_ego[near]
-    corners, rgb, nrm, parent, order = _part_polygons(b, cls[near], colour[near], rider[near])
+    poly = _part_polygons(b, cls[near], colour[near], rider[near], None if lamps_on is None else lamps_on[near])
+    corners, nrm, parent, order = poly.corners, poly.normals, poly.parent, poly.order
     centre = corners.mean(1)
     facing = ((cam_pos[None] - centre) * nrm).sum(1) > 1e-6
     shade = 0.5 + 0.5 * np.clip(nrm @ sun_ego, 0, None) + 0.12 * (nrm[:, 2] > 0.5)
+    shade[poly.glow > 0] = 1.0              # a lamp shines with its own light
     # Painter's order: a face's bands share its depth and are drawn right after it.
     depth = np.linalg.norm(centre - cam_pos, axis=1)
     face_depth = np.zeros(parent.max() + 1)
@@ -211,9 +286,14 @@ def render_camera(view: CameraView, ego2global: np.ndarray, ground: GroundMap, b
     idx = np.nonzero(facing)[0]
     idx = idx[np.lexsort((order[idx], -key_depth[idx]))]
     # Contact shadows go first: a dark footprint under every object grounds it visually.
-    polys = np.concatenate([_footprints(b), corners[idx]])
-    cols = np.concatenate([np.tile(np.array([40, 40, 42], np.float32), (len(b), 1)), rgb[idx] * shade[idx, None]])
+    footprints = _footprints(b)
+    polys = np.concatenate([footprints, corners[idx]])
+    cols = np.concatenate([np.tile(np.array([40, 40, 42], np.float32), (len(b), 1)), poly.rgb[idx] * shade[idx, None]])
     cols = np.clip(cols, 0, 255).astype(np.uint8)
+    if light is not None:
+        lit = NIGHT_GAIN + headlight(centre[idx], nrm[idx]) * np.where(poly.reflective[idx], RETRO, 1.0)
+        poly_light = np.concatenate([NIGHT_GAIN + headlight(footprints.mean(1)),
+                                     np.where(poly.glow[idx] > 0, poly.glow[idx], lit)])
     cam = np.einsum("ij,fkj->fki", ego2cam[:3, :3], polys) + ego2cam[:3, 3]
 
     # Vectorised culling: drop polygons behind the camera or off-image; only those that
@@ -232,4 +312,6 @@ def render_camera(view: CameraView, ego2global: np.ndarray, ground: GroundMap, b
             pts = (view.k[:2] @ (c / c[:, 2:3]).T).T
         pts = np.round(np.clip(pts, -1e5, 1e5) * 16).astype(np.int32)
         cv2.fillPoly(img, [pts], tuple(int(v) for v in cols[f]), cv2.LINE_AA, 4)
-    return img
+        if light is not None:
+            cv2.fillPoly(light, [pts], float(poly_light[f]), cv2.LINE_AA, 4)
+    return img, light

@@ -6,7 +6,12 @@ camera+radar student has the most to learn from a LiDAR teacher. The models here
 the rendered or ray-cast output, so a day scene is bit-identical with or without them.
 
 - night: the camera gets ~6% of the daylight signal (street lighting, auto-exposure at its
-  limit), amplified sensor noise and low-light blur; LiDAR and radar are unchanged.
+  limit), amplified sensor noise and low-light blur; LiDAR and radar are unchanged. With
+  ``SynthConfig.night_lighting="lamps"`` the night camera also sees the light sources of a
+  real night drive: the head and tail lamps of moving vehicles (parked ones are dark) and
+  what the ego's low beams light ahead of it, reflective stripes brightest. Without it (the
+  default, ``"street"``) street lighting is all there is, so a night image shows little more
+  than silhouettes: nothing a real camera at night relies on.
 - rain: the camera sees haze (contrast lost to a grey veil), blur and a darker overcast
   sky; LiDAR returns are attenuated with range (two-way extinction, ~0.004 /m: moderate
   rain), some drop out, and wet asphalt returns half its dry intensity; radar is unchanged.
@@ -24,6 +29,12 @@ MIXED_CYCLE = ("day", "day", "rain", "night", "day", "day", "night", "rain", "da
 
 NIGHT_GAIN, NIGHT_NOISE, NIGHT_BLUR = 0.06, 8.0, 1.0           # signal kept, noise sigma (0..255), blur sigma (px at 800 wide)
 NIGHT_SKY = np.array([8.0, 10.0, 16.0], np.float32)            # before the gain's noise: an unlit sky
+NIGHT_LIGHTING = ("street", "lamps")                            # SynthConfig.night_lighting
+# The ego's low beams, ego frame (origin at the rear axle): lamps at the front bumper, full
+# light (a fraction of daylight) out to HEAD_RANGE m then the inverse square, a beam of
+# azimuth sigma HEAD_SPREAD rad. Reflective stripes send RETRO times the light back.
+HEAD_POS = np.array([3.4, 0.0, 0.7])
+HEAD_GAIN, HEAD_RANGE, HEAD_SPREAD, RETRO = 0.8, 8.0, 0.45, 3.0
 RAIN_VEIL, RAIN_GREY, RAIN_GAIN, RAIN_BLUR, RAIN_NOISE = 0.35, 150.0, 0.85, 1.4, 2.5
 RAIN_EXTINCTION = 0.004                                         # 1/m, LiDAR (905 nm) in moderate rain
 WET_GROUND = 0.5                                                # intensity factor of wet road returns
@@ -34,16 +45,32 @@ def condition_of(mode: str, index: int) -> str:
     return MIXED_CYCLE[index % len(MIXED_CYCLE)] if mode == "mixed" else mode
 
 
-def degrade_image(img: np.ndarray, condition: str, rng: np.random.Generator, sky: np.ndarray | None = None) -> np.ndarray:
+def headlight(points: np.ndarray, normals: np.ndarray | None = None) -> np.ndarray:
+    """The light the ego's low beams add at ego-frame ``points`` (..., 3), as a fraction of
+    daylight; with ``normals`` (..., 3) a surface gets the cosine of its incidence angle
+    (the road, lit by a beam aimed down at it, does not)."""
+    d = points - HEAD_POS
+    dist = np.maximum(np.linalg.norm(d, axis=-1), 1e-6)
+    azimuth = np.arctan2(np.abs(d[..., 1]), d[..., 0])
+    out = HEAD_GAIN * np.minimum(1.0, (HEAD_RANGE / dist) ** 2) * np.exp(-(azimuth / HEAD_SPREAD) ** 2) * (d[..., 0] > 0)
+    if normals is not None:
+        out = out * np.clip(-(normals * d).sum(-1) / dist, 0.0, 1.0)
+    return out
+
+
+def degrade_image(img: np.ndarray, condition: str, rng: np.random.Generator, sky: np.ndarray | None = None,
+                  light: np.ndarray | None = None) -> np.ndarray:
     """A rendered (H, W, 3) uint8 image as the camera records it in ``condition``.
 
-    ``sky``: (H, W) bool, the pixels that show the sky (black at night)."""
+    ``sky``: (H, W) bool, the pixels that show the sky (black at night). ``light``: (H, W)
+    float32, the light at each pixel as a fraction of daylight (``synth_camera.render_night``);
+    without it the night light is NIGHT_GAIN everywhere."""
     if condition == "day":
         return img
     scale = img.shape[1] / 800.0                       # blur in pixels of an 800-wide image
     x = img.astype(np.float32)
     if condition == "night":
-        x = x * NIGHT_GAIN
+        x = x * NIGHT_GAIN if light is None else x * light[..., None]
         if sky is not None:
             x[sky] = NIGHT_SKY
         x = cv2.GaussianBlur(x, (0, 0), NIGHT_BLUR * scale)

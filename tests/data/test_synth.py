@@ -16,9 +16,10 @@ from pyquaternion import Quaternion
 from imkd_deploy.config import CAMERA_CHANNELS, CLASS_NAMES, RADAR_CHANNELS, tiny
 from imkd_deploy.data.loader import NuScenesDrive, scenes_by_condition
 from imkd_deploy.data.synth import SynthConfig, build_scene, write_drive
-from imkd_deploy.data.synth_camera import make_view, render_camera
+from imkd_deploy.data.synth_camera import make_view, render_camera, render_night
 from imkd_deploy.data.synth_lidar import cast_lidar
 from imkd_deploy.data.synth_radar import simulate_radar
+from imkd_deploy.data.synth_rig import build_rig
 from imkd_deploy.data.synth_world import CATEGORY
 from imkd_deploy.errors import UserError
 
@@ -405,3 +406,58 @@ def test_mixed_conditions_drive_names_them_and_darkens_night_images(tmp_path):
         return float(np.mean([np.asarray(Image.open(nusc.get_sample_data_path(sample["data"][ch]))).mean()
                               for ch in CAMERA_CHANNELS]))
     assert mean_brightness("scene-0916") < 0.3 * mean_brightness("scene-0103")
+
+
+def test_night_lamps_glow_unless_hidden_and_the_low_beams_light_the_road_ahead():
+    from imkd_deploy.data.synth_conditions import NIGHT_GAIN, degrade_image
+    rig = build_rig(400, 225)
+    front, back = (make_view(rig[ch].intrinsic, rig[ch].to_ego(), 400, 225) for ch in ("CAM_FRONT", "CAM_BACK"))
+    _, ground, _ = build_scene(CFG, 0)
+    ego2global = np.eye(4)
+    car = CLASS_NAMES.index("car")
+    # a car 25 m ahead driving away: its tail lamps face the camera
+    boxes = np.array([[25.0, 0.0, 0.75, 1.9, 4.5, 1.5, 0.0]])
+    args = (boxes, np.array([car]), np.array([[120, 120, 120]], np.uint8), np.zeros(1, bool), np.array([0.0, 0.0, 1.0]))
+    plain = render_camera(front, ego2global, ground, *args)
+    img, light = render_night(front, ego2global, ground, *args, lamps_on=np.array([True]))
+    dark_img, dark = render_night(front, ego2global, ground, *args, lamps_on=np.array([False]))
+    assert np.array_equal(dark_img, plain)                  # a parked car has no lamps drawn
+    tail = light == 1.0                                     # LAMP_LIGHT of a tail lamp
+    assert 4 <= tail.sum() < 200 and not (dark == 1.0).any()
+    rng = np.random.default_rng(0)
+    lit_night = degrade_image(img, "night", rng, light=light).astype(int)
+    street_night = degrade_image(plain, "night", rng).astype(int)
+    assert lit_night[tail, 0].mean() > 150 and lit_night[tail, 0].mean() > 3 * lit_night[tail, 1].mean()
+    assert street_night[tail, 0].mean() < 40
+    # the low beams: the road 8 m ahead gets more light than 30 m ahead, more than ambient;
+    # behind the car (the back camera) there is only the ambient light
+    def road_light(x: float) -> float:
+        u, v = (front.k @ np.linalg.inv(front.cam2ego)[:3] @ np.array([x, 0.0, 0.0, 1.0]))[:2] / (
+            np.linalg.inv(front.cam2ego)[2] @ np.array([x, 0.0, 0.0, 1.0]))
+        return float(front.night_light[int(v), int(u)])
+    assert road_light(8.0) > 5 * road_light(30.0) and road_light(30.0) > 1.5 * NIGHT_GAIN
+    assert (back.night_light == np.float32(NIGHT_GAIN)).all()
+    # a bus between the camera and the car hides the car's lamps (same painter's order as the image)
+    bus = CLASS_NAMES.index("bus")
+    hidden = render_night(front, ego2global, ground, np.array([[12.0, 0.0, 1.75, 2.5, 11.0, 3.5, 0.0], boxes[0]]),
+                          np.array([bus, car]), np.array([[120, 120, 120]] * 2, np.uint8), np.zeros(2, bool),
+                          np.array([0.0, 0.0, 1.0]), lamps_on=np.array([False, True]))[1]
+    assert not (hidden == 1.0).any()
+
+
+def test_night_lamps_change_only_night_camera_images(tmp_path):
+    cfg = dict(num_scenes=4, samples_per_scene=2, image_width=160, image_height=90, seed=5, workers=1, conditions="mixed")
+    write_drive(tmp_path / "street", SynthConfig(**cfg))
+    write_drive(tmp_path / "lamps", SynthConfig(**cfg, night_lighting="lamps"))
+    nusc = NuScenes("v1.0-mini", str(tmp_path / "lamps"), verbose=False)
+    night = {s["token"] for s in nusc.scene if s["description"].startswith("Night")}
+    changed = 0
+    for sd in nusc.sample_data:
+        same = (tmp_path / "lamps" / sd["filename"]).read_bytes() == (tmp_path / "street" / sd["filename"]).read_bytes()
+        is_night_camera = (nusc.get("sample", sd["sample_token"])["scene_token"] in night
+                           and sd["sensor_modality"] == "camera")
+        assert same or is_night_camera, sd["filename"]
+        changed += not same
+    assert changed >= 4                                     # the night scene's front cameras at least
+    with pytest.raises(UserError, match="night_lighting"):
+        SynthConfig(night_lighting="moon").validate()

@@ -78,6 +78,8 @@ def test_reproduce_command_names_the_drive_and_every_override():
         "--teacher-steps 3600 --student-steps 4800 --batch-size 4 --lr 0.001 --seed 1 --variants \"\" --threads 2")
     swerling = {**meta, "writer": {**meta["writer"], "radar_clutter": "urban", "radar_rcs": "swerling"}}
     assert "--radar-clutter urban --radar-rcs swerling --drive-seed 3 " in distill_ablation.reproduce_command(swerling, rows)
+    lamps = {**meta, "writer": {**swerling["writer"], "night_lighting": "lamps"}}
+    assert "--radar-rcs swerling --night-lighting lamps --drive-seed 3 " in distill_ablation.reproduce_command(lamps, rows)
 
 
 def test_camera_overrides_reach_the_students_and_not_the_teacher(capsys):
