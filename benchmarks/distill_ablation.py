@@ -10,6 +10,7 @@ each distillation level switched on or off, scored with the nuScenes metrics on 
 Without ``--dataroot`` the drive is written by our own writer (``imkd data synth``, writer
 seed ``--drive-seed``, default 0, whatever the student ``--seed``) into ``WORKDIR/drive``
 (``drive-mixed`` etc. with ``--conditions``, ``...-lamps`` with ``--night-lighting lamps``,
+``...-auto`` with ``--night-exposure auto``,
 ``...-seedN`` for another writer seed). At the
 default 10 scenes it is a v1.0-mini drive: the devkit's mini scene names put 8 scenes in
 mini_train and 2 in mini_val. With ``--scenes`` above 10 it is a ``v1.0-synth`` drive whose
@@ -54,7 +55,7 @@ import torch
 from imkd_deploy.atomic import atomic_write_text
 from imkd_deploy.config import (SCENE_CONDITIONS, ConfigError, DistillConfig, ModelConfig, RunConfig, TrainConfig,
                                  tiny)
-from imkd_deploy.data.synth_conditions import NIGHT_LIGHTING
+from imkd_deploy.data.synth_conditions import NIGHT_EXPOSURE, NIGHT_LIGHTING
 from imkd_deploy.data.synth_radar import RADAR_CLUTTER, RADAR_RCS
 from imkd_deploy.export.metadata import file_sha256
 
@@ -117,7 +118,8 @@ VARIANTS = {
 
 def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int, seed: int,
                  conditions: str = "day", radar_clutter: str = "light",
-                 radar_rcs: str = "class", night_lighting: str = "street") -> tuple[Path, Layout]:
+                 radar_rcs: str = "class", night_lighting: str = "street",
+                 night_exposure: str = "fixed") -> tuple[Path, Layout]:
     if dataroot is not None:
         return dataroot, layout_of(dataroot)
     from imkd_deploy.data.synth import SynthConfig, write_drive
@@ -127,12 +129,13 @@ def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int
                        + ("" if conditions == "day" else f"-{conditions}")
                        + ("" if radar_clutter == "light" else f"-{radar_clutter}")
                        + ("" if radar_rcs == "class" else f"-{radar_rcs}")
-                       + ("" if night_lighting == "street" else f"-{night_lighting}") + (f"-seed{seed}" if seed else ""))
+                       + ("" if night_lighting == "street" else f"-{night_lighting}")
+                       + ("" if night_exposure == "fixed" else f"-{night_exposure}") + (f"-seed{seed}" if seed else ""))
     if not (drive / layout.version).is_dir():
         print(f"writing a synthetic drive: {scenes} scenes x {samples} samples, {conditions} -> {drive}", flush=True)
         write_drive(drive, SynthConfig(num_scenes=scenes, samples_per_scene=samples, seed=seed, conditions=conditions,
                                        radar_clutter=radar_clutter, radar_rcs=radar_rcs, night_lighting=night_lighting,
-                                       version=layout.version))
+                                       night_exposure=night_exposure, version=layout.version))
     return drive, layout
 
 
@@ -308,6 +311,8 @@ def reproduce_command(meta: dict, records: list[dict]) -> str:
                    + (f" --radar-rcs {writer['radar_rcs']}" if writer.get("radar_rcs", "class") != "class" else "")
                    + (f" --night-lighting {writer['night_lighting']}"
                       if writer.get("night_lighting", "street") != "street" else "")
+                   + (f" --night-exposure {writer['night_exposure']}"
+                      if writer.get("night_exposure", "fixed") != "fixed" else "")
                    + f" --drive-seed {meta['drive_seed']}")
     elif "writer" in meta:          # read from --dataroot (results saved before "writer" cannot tell)
         cmd.append(f"--dataroot {meta['drive']}")
@@ -414,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="radar RCS of the synthetic drive (swerling: Swerling I aspect fluctuation on every return)")
     p.add_argument("--night-lighting", default="street", choices=NIGHT_LIGHTING,
                    help="night camera of the synthetic drive (lamps: moving vehicles' lamps and the ego's low beams)")
+    p.add_argument("--night-exposure", default="fixed", choices=NIGHT_EXPOSURE,
+                   help="night exposure of the synthetic drive (auto: metered, longer shutter then gain)")
     p.add_argument("--conditions", default="day", choices=(*SCENE_CONDITIONS, "mixed"),
                    help="scene conditions of the synthetic drive (mixed: nuScenes-like rain and night share)")
     # The teacher trains 3x longer than a student: at 400 steps it is still far from converged
@@ -471,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     try:
         drive, layout = ensure_drive(args.dataroot, args.workdir, args.scenes, args.samples, args.drive_seed,
-                                     args.conditions, args.radar_clutter, args.radar_rcs, args.night_lighting)
+                                     args.conditions, args.radar_clutter, args.radar_rcs, args.night_lighting,
+                                     args.night_exposure)
     except ValueError as exc:      # a scene count or --dataroot the ablation cannot use
         p.error(str(exc))
     # Decode every frame once (JPEGs, sweeps) and share it between the six runs.
@@ -505,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             "drive_seed": None if args.dataroot is not None else args.drive_seed,
             "writer": None if args.dataroot is not None else {
                 "scenes": args.scenes, "samples": args.samples, "conditions": args.conditions,
-                "radar_clutter": args.radar_clutter, "radar_rcs": args.radar_rcs, "night_lighting": args.night_lighting},
+                "radar_clutter": args.radar_clutter, "radar_rcs": args.radar_rcs, "night_lighting": args.night_lighting,
+                "night_exposure": args.night_exposure},
             "lr": args.lr}
     table = markdown_table(records, meta)
     atomic_write_text(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": records}, indent=2))

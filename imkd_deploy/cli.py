@@ -60,6 +60,7 @@ def data_synth(
     radar_clutter: str = typer.Option("light", help="light: random radar clutter only; urban: also fixed roadside reflectors (poles, signs, rails) with car-like RCS and the ARS408's wide-angle azimuth error."),
     radar_rcs: str = typer.Option("class", help="class: each return's RCS about its class mean; swerling: also the Swerling I aspect fluctuation of real targets (5.6 dB), so one return's RCS tells less of the class."),
     night_lighting: str = typer.Option("street", help="Night scenes' camera. street: ambient street light only, objects are dim silhouettes; lamps: also the head and tail lamps of moving vehicles and the ego's low beams (road ahead lit, reflective stripes bright). Day and rain scenes are the same either way."),
+    night_exposure: str = typer.Option("fixed", help="Night scenes' exposure. fixed: the dark frame (mean ~9 of 255, signal about its noise); auto: metered as a real camera does, a longer shutter (up to 4x the signal) then gain to a mean of 60, noise amplified, lamps saturated."),
 ) -> None:
     """Write a synthetic recorded drive in the real nuScenes on-disk format (offline, deterministic)."""
     from imkd_deploy.data.synth import SynthConfig, write_drive
@@ -71,7 +72,7 @@ def data_synth(
     try:
         summary = write_drive(out_dir, SynthConfig(version=version, num_scenes=scenes, samples_per_scene=samples, image_width=w, image_height=h, seed=seed,
                                                      conditions=conditions, radar_clutter=radar_clutter, radar_rcs=radar_rcs,
-                                                     night_lighting=night_lighting))
+                                                     night_lighting=night_lighting, night_exposure=night_exposure))
     except UserError as exc:
         _fail(exc)
     out.print(summary.pretty())

@@ -38,7 +38,7 @@ import numpy as np
 from imkd_deploy.config import CAMERA_CHANNELS, CLASS_NAMES, LIDAR_CHANNEL, RADAR_CHANNELS, SCENE_CONDITIONS
 from imkd_deploy.data import synth_tables as T
 from imkd_deploy.data.synth_camera import CameraView, make_view, render_camera, render_night
-from imkd_deploy.data.synth_conditions import NIGHT_LIGHTING, attenuate_lidar, condition_of, degrade_image
+from imkd_deploy.data.synth_conditions import NIGHT_EXPOSURE, NIGHT_LIGHTING, attenuate_lidar, condition_of, degrade_image
 from imkd_deploy.data.synth_ground import LABEL_INTENSITY, GroundMap, rasterise_road
 from imkd_deploy.data.synth_lidar import cast_lidar
 from imkd_deploy.data.synth_radar import RADAR_CLUTTER, RADAR_RCS, make_reflectors, simulate_radar
@@ -73,6 +73,7 @@ class SynthConfig:
     radar_clutter: str = "light"      # light: random clutter only | urban: + fixed roadside reflectors, wide-angle azimuth error
     radar_rcs: str = "class"          # class: RCS about the class mean | swerling: + Swerling I aspect fluctuation
     night_lighting: str = "street"    # street: ambient light only | lamps: + vehicle lamps and the ego's low beams
+    night_exposure: str = "fixed"     # fixed: the dark night frame | auto: metered (longer shutter, then gain)
     workers: int = 0                  # scene-parallel processes; 0 = auto (one per core for big drives), 1 = in process
 
     def validate(self) -> None:
@@ -92,6 +93,8 @@ class SynthConfig:
             raise UserError(f"radar_rcs must be one of {', '.join(RADAR_RCS)}, got {self.radar_rcs!r}")
         if self.night_lighting not in NIGHT_LIGHTING:
             raise UserError(f"night_lighting must be one of {', '.join(NIGHT_LIGHTING)}, got {self.night_lighting!r}")
+        if self.night_exposure not in NIGHT_EXPOSURE:
+            raise UserError(f"night_exposure must be one of {', '.join(NIGHT_EXPOSURE)}, got {self.night_exposure!r}")
         if self.workers < 0:
             raise UserError(f"workers must be >= 0 (0 = one per CPU core), got {self.workers}")
         if self.is_mini and self.num_scenes > len(MINI_SCENE_ORDER):
@@ -382,7 +385,7 @@ class SceneWriter:
         else:
             img = render_camera(*args)
         sky = (view.ground_weight == 0) & (img == view.backdrop).all(-1) if self.condition == "night" else None
-        return degrade_image(img, self.condition, rng, sky, light)
+        return degrade_image(img, self.condition, rng, sky, light, auto_exposure=self.cfg.night_exposure == "auto")
 
     # ---------------------------------------------------------------- write
     def write(self) -> None:

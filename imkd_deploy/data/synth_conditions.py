@@ -11,7 +11,12 @@ the rendered or ray-cast output, so a day scene is bit-identical with or without
   real night drive: the head and tail lamps of moving vehicles (parked ones are dark) and
   what the ego's low beams light ahead of it, reflective stripes brightest. Without it (the
   default, ``"street"``) street lighting is all there is, so a night image shows little more
-  than silhouettes: nothing a real camera at night relies on.
+  than silhouettes: nothing a real camera at night relies on. With
+  ``SynthConfig.night_exposure="auto"`` the camera meters each night frame as a real one does:
+  the shutter stays open up to AE_EXPOSURE times longer (more signal over the same read
+  noise), then gain lifts the frame's mean to AE_TARGET, amplifying the noise with it and
+  saturating the lamps (the longer shutter's motion blur is not drawn). The default
+  (``"fixed"``) keeps the dark frame: mean ~9 of 255, its signal about its noise.
 - rain: the camera sees haze (contrast lost to a grey veil), blur and a darker overcast
   sky; LiDAR returns are attenuated with range (two-way extinction, ~0.004 /m: moderate
   rain), some drop out, and wet asphalt returns half its dry intensity; radar is unchanged.
@@ -30,6 +35,8 @@ MIXED_CYCLE = ("day", "day", "rain", "night", "day", "day", "night", "rain", "da
 NIGHT_GAIN, NIGHT_NOISE, NIGHT_BLUR = 0.06, 8.0, 1.0           # signal kept, noise sigma (0..255), blur sigma (px at 800 wide)
 NIGHT_SKY = np.array([8.0, 10.0, 16.0], np.float32)            # before the gain's noise: an unlit sky
 NIGHT_LIGHTING = ("street", "lamps")                            # SynthConfig.night_lighting
+NIGHT_EXPOSURE = ("fixed", "auto")                              # SynthConfig.night_exposure
+AE_EXPOSURE, AE_TARGET, AE_MAX_GAIN = 4.0, 60.0, 4.0            # longest shutter (x fixed's), metered frame mean (0..255), gain cap
 # The ego's low beams, ego frame (origin at the rear axle): lamps at the front bumper, full
 # light (a fraction of daylight) out to HEAD_RANGE m then the inverse square, a beam of
 # azimuth sigma HEAD_SPREAD rad. Reflective stripes send RETRO times the light back.
@@ -59,12 +66,13 @@ def headlight(points: np.ndarray, normals: np.ndarray | None = None) -> np.ndarr
 
 
 def degrade_image(img: np.ndarray, condition: str, rng: np.random.Generator, sky: np.ndarray | None = None,
-                  light: np.ndarray | None = None) -> np.ndarray:
+                  light: np.ndarray | None = None, auto_exposure: bool = False) -> np.ndarray:
     """A rendered (H, W, 3) uint8 image as the camera records it in ``condition``.
 
     ``sky``: (H, W) bool, the pixels that show the sky (black at night). ``light``: (H, W)
     float32, the light at each pixel as a fraction of daylight (``synth_camera.render_night``);
-    without it the night light is NIGHT_GAIN everywhere."""
+    without it the night light is NIGHT_GAIN everywhere. ``auto_exposure``: meter the night
+    frame (longer shutter, then gain) instead of recording it at the fixed exposure."""
     if condition == "day":
         return img
     scale = img.shape[1] / 800.0                       # blur in pixels of an 800-wide image
@@ -74,9 +82,13 @@ def degrade_image(img: np.ndarray, condition: str, rng: np.random.Generator, sky
         if sky is not None:
             x[sky] = NIGHT_SKY
         x = cv2.GaussianBlur(x, (0, 0), NIGHT_BLUR * scale)
-        # shot noise grows with the signal, read noise does not; both amplified by the gain
+        if auto_exposure:   # a longer shutter gathers more signal; the read noise stays
+            x = x * np.clip(AE_TARGET / max(float(x.mean()), 1e-3), 1.0, AE_EXPOSURE)
+        # shot noise grows with the signal, read noise does not
         sigma = np.sqrt(NIGHT_NOISE**2 + 0.5 * x)
         x = x + rng.standard_normal(x.shape, dtype=np.float32) * sigma
+        if auto_exposure:   # gain brightens signal and noise alike, and saturates the lamps
+            x = x * np.clip(AE_TARGET / max(float(x.mean()), 1e-3), 1.0, AE_MAX_GAIN)
     else:
         x = (x * (1.0 - RAIN_VEIL) + RAIN_GREY * RAIN_VEIL) * RAIN_GAIN
         x = cv2.GaussianBlur(x, (0, 0), RAIN_BLUR * scale)

@@ -445,19 +445,50 @@ def test_night_lamps_glow_unless_hidden_and_the_low_beams_light_the_road_ahead()
     assert not (hidden == 1.0).any()
 
 
-def test_night_lamps_change_only_night_camera_images(tmp_path):
+def test_auto_exposure_meters_the_night_frame_and_keeps_its_noise():
+    from imkd_deploy.data.synth_conditions import AE_TARGET, degrade_image
+    img = np.full((90, 160, 3), 100, np.uint8)
+    img[30:60, 60:100] = 220
+    assert degrade_image(img, "day", np.random.default_rng(0), auto_exposure=True) is img
+    fixed = degrade_image(img, "night", np.random.default_rng(0)).astype(np.float32)
+    auto = degrade_image(img, "night", np.random.default_rng(0), auto_exposure=True).astype(np.float32)
+    flat = np.s_[5:25, 5:50]
+    assert fixed.mean() < 12 and auto.mean() == pytest.approx(AE_TARGET, rel=0.1)
+    # the longer shutter lifts the signal over the read noise; the gain after it does not
+    snr = lambda x: x[flat].mean() / x[flat].std()          # noqa: E731
+    assert snr(fixed) < 1.5 and 2.0 < snr(auto) < 4.0
+    # a head lamp (light 2.5, synth_camera.LAMP_LIGHT) in a dark frame saturates it
+    light = np.full(img.shape[:2], 0.06, np.float32)
+    light[40:50, 10:20] = 2.5
+    lamp = degrade_image(img, "night", np.random.default_rng(0), light=light, auto_exposure=True)
+    assert (lamp[42:48, 12:18] == 255).all()
+
+
+@pytest.mark.parametrize("option", [{"night_lighting": "lamps"}, {"night_exposure": "auto"}])
+def test_night_camera_options_change_only_night_camera_images(tmp_path, option):
     cfg = dict(num_scenes=4, samples_per_scene=2, image_width=160, image_height=90, seed=5, workers=1, conditions="mixed")
-    write_drive(tmp_path / "street", SynthConfig(**cfg))
-    write_drive(tmp_path / "lamps", SynthConfig(**cfg, night_lighting="lamps"))
-    nusc = NuScenes("v1.0-mini", str(tmp_path / "lamps"), verbose=False)
+    write_drive(tmp_path / "default", SynthConfig(**cfg))
+    write_drive(tmp_path / "option", SynthConfig(**cfg, **option))
+    nusc = NuScenes("v1.0-mini", str(tmp_path / "option"), verbose=False)
     night = {s["token"] for s in nusc.scene if s["description"].startswith("Night")}
-    changed = 0
+    changed, brighter = 0, []
     for sd in nusc.sample_data:
-        same = (tmp_path / "lamps" / sd["filename"]).read_bytes() == (tmp_path / "street" / sd["filename"]).read_bytes()
+        a, b = (tmp_path / "option" / sd["filename"]).read_bytes(), (tmp_path / "default" / sd["filename"]).read_bytes()
         is_night_camera = (nusc.get("sample", sd["sample_token"])["scene_token"] in night
                            and sd["sensor_modality"] == "camera")
-        assert same or is_night_camera, sd["filename"]
-        changed += not same
+        assert a == b or is_night_camera, sd["filename"]
+        changed += a != b
+        if is_night_camera:
+            brighter.append(jpeg_mean(a) - jpeg_mean(b))
     assert changed >= 4                                     # the night scene's front cameras at least
+    if "night_exposure" in option:                          # every camera is metered, not just the lit ones
+        assert changed == len(brighter) and min(brighter) > 25
     with pytest.raises(UserError, match="night_lighting"):
         SynthConfig(night_lighting="moon").validate()
+    with pytest.raises(UserError, match="night_exposure"):
+        SynthConfig(night_exposure="manual").validate()
+
+
+def jpeg_mean(data: bytes) -> float:
+    import cv2
+    return float(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).mean())

@@ -80,6 +80,8 @@ def test_reproduce_command_names_the_drive_and_every_override():
     assert "--radar-clutter urban --radar-rcs swerling --drive-seed 3 " in distill_ablation.reproduce_command(swerling, rows)
     lamps = {**meta, "writer": {**swerling["writer"], "night_lighting": "lamps"}}
     assert "--radar-rcs swerling --night-lighting lamps --drive-seed 3 " in distill_ablation.reproduce_command(lamps, rows)
+    auto = {**meta, "writer": {**lamps["writer"], "night_exposure": "auto"}}
+    assert "--night-lighting lamps --night-exposure auto --drive-seed 3 " in distill_ablation.reproduce_command(auto, rows)
 
 
 def test_camera_overrides_reach_the_students_and_not_the_teacher(capsys):
