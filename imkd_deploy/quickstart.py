@@ -20,6 +20,10 @@ from imkd_deploy.errors import UserError
 from imkd_deploy.export.metadata import file_sha256
 
 VERSION = "v1.0-mini"
+# FP32 parity of the exported student against torch. A trained student's regression heads differ
+# by up to 1.3e-3 at a few cells between torch and ONNX Runtime on an AVX-512 CPU (mean 5e-6;
+# under the export default 1e-4 on AVX2), from the kernels' summation order, not the graph.
+EXPORT_ATOL = 2e-3
 
 
 @dataclass
@@ -199,7 +203,8 @@ def run_quickstart(workdir: Path, settings: QuickstartSettings | None = None,
 
         out = {}
         for ops in ("onnx", "tensorrt"):
-            res = export_checkpoint(ckpt, workdir / "export" / f"student_{ops}.onnx", ops, dataroot=drive, version=VERSION)
+            res = export_checkpoint(ckpt, workdir / "export" / f"student_{ops}.onnx", ops, dataroot=drive, version=VERSION,
+                                    atol=EXPORT_ATOL)
             if not res.passed:
                 raise UserError(f"export --ops {ops}: parity against torch failed: " + "; ".join(r.line() for r in res.parity if not r.passed))
             out[ops] = str(res.path)
