@@ -20,10 +20,6 @@ from imkd_deploy.errors import UserError
 from imkd_deploy.export.metadata import file_sha256
 
 VERSION = "v1.0-mini"
-# FP32 parity of the exported student against torch. The quickstart's trained student passed the
-# export default (1e-4) on an AVX2 CPU, but on an AVX-512 one its regression heads differ by up to
-# 1.3e-3 at a few cells (mean 5e-6): likely the kernels' summation order (not yet traced).
-EXPORT_ATOL = 2e-3
 
 
 @dataclass
@@ -203,8 +199,7 @@ def run_quickstart(workdir: Path, settings: QuickstartSettings | None = None,
 
         out = {}
         for ops in ("onnx", "tensorrt"):
-            res = export_checkpoint(ckpt, workdir / "export" / f"student_{ops}.onnx", ops, dataroot=drive, version=VERSION,
-                                    atol=EXPORT_ATOL)
+            res = export_checkpoint(ckpt, workdir / "export" / f"student_{ops}.onnx", ops, dataroot=drive, version=VERSION)
             if not res.passed:
                 raise UserError(f"export --ops {ops}: parity against torch failed: " + "; ".join(r.line() for r in res.parity if not r.passed))
             out[ops] = str(res.path)

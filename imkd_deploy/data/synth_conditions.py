@@ -83,17 +83,22 @@ def degrade_image(img: np.ndarray, condition: str, rng: np.random.Generator, sky
             x[sky] = NIGHT_SKY
         x = cv2.GaussianBlur(x, (0, 0), NIGHT_BLUR * scale)
         if auto_exposure:   # a longer shutter gathers more signal; the read noise stays
-            x = x * np.clip(AE_TARGET / max(float(x.mean()), 1e-3), 1.0, AE_EXPOSURE)
+            x = _metered(x, AE_EXPOSURE)
         # shot noise grows with the signal, read noise does not
         sigma = np.sqrt(NIGHT_NOISE**2 + 0.5 * x)
         x = x + rng.standard_normal(x.shape, dtype=np.float32) * sigma
         if auto_exposure:   # gain brightens signal and noise alike, and saturates the lamps
-            x = x * np.clip(AE_TARGET / max(float(x.mean()), 1e-3), 1.0, AE_MAX_GAIN)
+            x = _metered(x, AE_MAX_GAIN)
     else:
         x = (x * (1.0 - RAIN_VEIL) + RAIN_GREY * RAIN_VEIL) * RAIN_GAIN
         x = cv2.GaussianBlur(x, (0, 0), RAIN_BLUR * scale)
         x = x + rng.standard_normal(x.shape, dtype=np.float32) * RAIN_NOISE
     return np.clip(x, 0, 255).round().astype(np.uint8)
+
+
+def _metered(x: np.ndarray, cap: float) -> np.ndarray:
+    """``x`` scaled towards the frame mean AE_TARGET, by a factor between 1 and ``cap``."""
+    return x * np.clip(AE_TARGET / max(float(x.mean()), 1e-3), 1.0, cap)
 
 
 def attenuate_lidar(points: np.ndarray, object_id: np.ndarray, condition: str,
