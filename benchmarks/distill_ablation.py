@@ -9,9 +9,8 @@ each distillation level switched on or off, scored with the nuScenes metrics on 
 
 Without ``--dataroot`` the drive is written by our own writer (``imkd data synth``, writer
 seed ``--drive-seed``, default 0, whatever the student ``--seed``) into ``WORKDIR/drive``
-(``drive-mixed`` etc. with ``--conditions``, ``...-lamps`` with ``--night-lighting lamps``,
-``...-auto`` with ``--night-exposure auto``,
-``...-seedN`` for another writer seed). At the
+(each writer option off its default adds ``-VALUE``, e.g. ``drive-30scenes-mixed-urban``,
+and ``-seedN`` another writer seed). At the
 default 10 scenes it is a v1.0-mini drive: the devkit's mini scene names put 8 scenes in
 mini_train and 2 in mini_val. With ``--scenes`` above 10 it is a ``v1.0-synth`` drive whose
 ``splits.json`` puts every fifth scene in ``val`` and the rest in ``train`` (more training
@@ -55,6 +54,7 @@ import torch
 from imkd_deploy.atomic import atomic_write_text
 from imkd_deploy.config import (SCENE_CONDITIONS, ConfigError, DistillConfig, ModelConfig, RunConfig, TrainConfig,
                                  tiny)
+from imkd_deploy.data.synth import SynthConfig
 from imkd_deploy.data.synth_conditions import NIGHT_EXPOSURE, NIGHT_LIGHTING
 from imkd_deploy.data.synth_radar import RADAR_CLUTTER, RADAR_RCS
 from imkd_deploy.export.metadata import file_sha256
@@ -116,26 +116,39 @@ VARIANTS = {
 }
 
 
+# The writer's options the ablation passes on (SynthConfig field -> choices, help), in drive-name
+# order. A value other than SynthConfig's default names the drive folder (``-VALUE``) and appears
+# in the reproduce command, so a new writer option is one line here.
+WRITER_OPTIONS = {
+    "conditions": ((*SCENE_CONDITIONS, "mixed"),
+                   "scene conditions of the synthetic drive (mixed: nuScenes-like rain and night share)"),
+    "radar_clutter": (RADAR_CLUTTER, "radar clutter of the synthetic drive (urban: fixed roadside reflectors, "
+                                     "wide-angle azimuth error)"),
+    "radar_rcs": (RADAR_RCS, "radar RCS of the synthetic drive (swerling: Swerling I aspect fluctuation on every return)"),
+    "night_lighting": (NIGHT_LIGHTING, "night camera of the synthetic drive (lamps: moving vehicles' lamps and the "
+                                       "ego's low beams)"),
+    "night_exposure": (NIGHT_EXPOSURE, "night exposure of the synthetic drive (auto: metered, longer shutter then gain)"),
+}
+WRITER_DEFAULTS = {k: getattr(SynthConfig(), k) for k in WRITER_OPTIONS}
+
+
 def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int, seed: int,
-                 conditions: str = "day", radar_clutter: str = "light",
-                 radar_rcs: str = "class", night_lighting: str = "street",
-                 night_exposure: str = "fixed") -> tuple[Path, Layout]:
+                 **writer: str) -> tuple[Path, Layout]:
+    """``writer``: WRITER_OPTIONS values (the others SynthConfig's defaults)."""
     if dataroot is not None:
         return dataroot, layout_of(dataroot)
-    from imkd_deploy.data.synth import SynthConfig, write_drive
+    from imkd_deploy.data.synth import write_drive
 
+    writer = {**WRITER_DEFAULTS, **writer}
     layout = layout_for_scenes(scenes)
     drive = workdir / ("drive" + ("" if scenes == 10 else f"-{scenes}scenes")
-                       + ("" if conditions == "day" else f"-{conditions}")
-                       + ("" if radar_clutter == "light" else f"-{radar_clutter}")
-                       + ("" if radar_rcs == "class" else f"-{radar_rcs}")
-                       + ("" if night_lighting == "street" else f"-{night_lighting}")
-                       + ("" if night_exposure == "fixed" else f"-{night_exposure}") + (f"-seed{seed}" if seed else ""))
+                       + "".join(f"-{v}" for k, v in writer.items() if v != WRITER_DEFAULTS[k])
+                       + (f"-seed{seed}" if seed else ""))
     if not (drive / layout.version).is_dir():
-        print(f"writing a synthetic drive: {scenes} scenes x {samples} samples, {conditions} -> {drive}", flush=True)
-        write_drive(drive, SynthConfig(num_scenes=scenes, samples_per_scene=samples, seed=seed, conditions=conditions,
-                                       radar_clutter=radar_clutter, radar_rcs=radar_rcs, night_lighting=night_lighting,
-                                       night_exposure=night_exposure, version=layout.version))
+        print(f"writing a synthetic drive: {scenes} scenes x {samples} samples, {writer['conditions']} -> {drive}",
+              flush=True)
+        write_drive(drive, SynthConfig(num_scenes=scenes, samples_per_scene=samples, seed=seed,
+                                       version=layout.version, **writer))
     return drive, layout
 
 
@@ -306,14 +319,10 @@ def reproduce_command(meta: dict, records: list[dict]) -> str:
     cmd = ["python benchmarks/distill_ablation.py --out benchmarks/results"]
     writer = meta.get("writer")
     if writer is not None:
-        cmd.append(f"--scenes {writer['scenes']} --samples {writer['samples']} --conditions {writer['conditions']} "
-                   f"--radar-clutter {writer['radar_clutter']}"
-                   + (f" --radar-rcs {writer['radar_rcs']}" if writer.get("radar_rcs", "class") != "class" else "")
-                   + (f" --night-lighting {writer['night_lighting']}"
-                      if writer.get("night_lighting", "street") != "street" else "")
-                   + (f" --night-exposure {writer['night_exposure']}"
-                      if writer.get("night_exposure", "fixed") != "fixed" else "")
-                   + f" --drive-seed {meta['drive_seed']}")
+        cmd.append(f"--scenes {writer['scenes']} --samples {writer['samples']}")
+        cmd += [f"--{k.replace('_', '-')} {writer[k]}" for k, default in WRITER_DEFAULTS.items()
+                if writer.get(k, default) != default]
+        cmd.append(f"--drive-seed {meta['drive_seed']}")
     elif "writer" in meta:          # read from --dataroot (results saved before "writer" cannot tell)
         cmd.append(f"--dataroot {meta['drive']}")
     cmd.append(f"--teacher-steps {meta['teacher_steps']} --student-steps {meta['student_steps']}")
@@ -413,16 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                         "with every fifth scene in val")
     p.add_argument("--samples", type=int, default=40, help="key frames per synthetic scene")
     p.add_argument("--drive-seed", type=int, default=0, help="writer seed of the synthetic drive")
-    p.add_argument("--radar-clutter", default="light", choices=RADAR_CLUTTER,
-                   help="radar clutter of the synthetic drive (urban: fixed roadside reflectors, wide-angle azimuth error)")
-    p.add_argument("--radar-rcs", default="class", choices=RADAR_RCS,
-                   help="radar RCS of the synthetic drive (swerling: Swerling I aspect fluctuation on every return)")
-    p.add_argument("--night-lighting", default="street", choices=NIGHT_LIGHTING,
-                   help="night camera of the synthetic drive (lamps: moving vehicles' lamps and the ego's low beams)")
-    p.add_argument("--night-exposure", default="fixed", choices=NIGHT_EXPOSURE,
-                   help="night exposure of the synthetic drive (auto: metered, longer shutter then gain)")
-    p.add_argument("--conditions", default="day", choices=(*SCENE_CONDITIONS, "mixed"),
-                   help="scene conditions of the synthetic drive (mixed: nuScenes-like rain and night share)")
+    for key, (choices, help_) in WRITER_OPTIONS.items():
+        p.add_argument(f"--{key.replace('_', '-')}", default=WRITER_DEFAULTS[key], choices=choices, help=help_)
     # The teacher trains 3x longer than a student: at 400 steps it is still far from converged
     # (val NDS 0.395 vs 0.493 at 1200), and a weak teacher has little to pass on.
     p.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS)
@@ -476,10 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     from imkd_deploy.data.loader import NuScenesDrive
 
     args.workdir.mkdir(parents=True, exist_ok=True)
+    writer = {k: getattr(args, k) for k in WRITER_OPTIONS}
     try:
         drive, layout = ensure_drive(args.dataroot, args.workdir, args.scenes, args.samples, args.drive_seed,
-                                     args.conditions, args.radar_clutter, args.radar_rcs, args.night_lighting,
-                                     args.night_exposure)
+                                     **writer)
     except ValueError as exc:      # a scene count or --dataroot the ablation cannot use
         p.error(str(exc))
     # Decode every frame once (JPEGs, sweeps) and share it between the six runs.
@@ -511,10 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": settings, "camera": camera, "lidar_sweeps": args.lidar_sweeps, "conditions": drive_conditions(drive, layout),
             "version": layout.version, "splits": {"train": layout.train, "val": layout.val},
             "drive_seed": None if args.dataroot is not None else args.drive_seed,
-            "writer": None if args.dataroot is not None else {
-                "scenes": args.scenes, "samples": args.samples, "conditions": args.conditions,
-                "radar_clutter": args.radar_clutter, "radar_rcs": args.radar_rcs, "night_lighting": args.night_lighting,
-                "night_exposure": args.night_exposure},
+            "writer": None if args.dataroot is not None else {"scenes": args.scenes, "samples": args.samples, **writer},
             "lr": args.lr}
     table = markdown_table(records, meta)
     atomic_write_text(args.out / f"{args.name}.json", json.dumps({"meta": meta, "rows": records}, indent=2))

@@ -22,9 +22,10 @@ def test_layout_follows_the_scene_count():
 
 
 def test_larger_drive_gets_train_and_val_splits(tmp_path):
-    drive, layout = distill_ablation.ensure_drive(None, tmp_path, scenes=11, samples=2, seed=0, conditions="mixed")
+    drive, layout = distill_ablation.ensure_drive(None, tmp_path, scenes=11, samples=2, seed=0, conditions="mixed",
+                                                  night_exposure="auto")
     assert layout == distill_ablation.SYNTH
-    assert drive.name == "drive-11scenes-mixed"
+    assert drive.name == "drive-11scenes-mixed-auto"     # options at their defaults name nothing
     assert (drive / "v1.0-synth" / "splits.json").is_file()
     # every fifth scene (1 and 6 of 0..10) in val; the mixed cycle makes them one day, one night
     assert distill_ablation.drive_conditions(drive, layout) == {
@@ -69,7 +70,7 @@ def test_reproduce_command_names_the_drive_and_every_override():
             {"variant": "all", "role": "student"}]
     assert distill_ablation.reproduce_command(meta, rows) == (
         "python benchmarks/distill_ablation.py --out benchmarks/results --scenes 30 --samples 40 --conditions mixed "
-        "--radar-clutter light --drive-seed 3 --teacher-steps 3600 --student-steps 4800 --seed 1 --teacher-seed 0 "
+        "--drive-seed 3 --teacher-steps 3600 --student-steps 4800 --seed 1 --teacher-seed 0 "
         "--variants none,all --w-radar 0.5 --set adapter=conv --set kd_channels=0.5 --name s1_all30")
     read = {**meta, "writer": None, "drive_seed": None, "threads": 2, "lr": 0.001, "batch_size": 4,
             "teacher_seed": 1, "w_radar": None, "settings": {}, "name": "distill_ablation"}
