@@ -54,7 +54,7 @@ import torch
 from imkd_deploy.atomic import atomic_write_text
 from imkd_deploy.config import (SCENE_CONDITIONS, ConfigError, DistillConfig, ModelConfig, RunConfig, TrainConfig,
                                  tiny)
-from imkd_deploy.data.synth import SynthConfig
+from imkd_deploy.data.synth import SynthConfig, write_drive
 from imkd_deploy.data.synth_conditions import NIGHT_EXPOSURE, NIGHT_LIGHTING
 from imkd_deploy.data.synth_radar import RADAR_CLUTTER, RADAR_RCS
 from imkd_deploy.export.metadata import file_sha256
@@ -137,8 +137,6 @@ def ensure_drive(dataroot: Path | None, workdir: Path, scenes: int, samples: int
     """``writer``: WRITER_OPTIONS values (the others SynthConfig's defaults)."""
     if dataroot is not None:
         return dataroot, layout_of(dataroot)
-    from imkd_deploy.data.synth import write_drive
-
     writer = {**WRITER_DEFAULTS, **writer}
     layout = layout_for_scenes(scenes)
     drive = workdir / ("drive" + ("" if scenes == 10 else f"-{scenes}scenes")
