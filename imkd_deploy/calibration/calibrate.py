@@ -42,7 +42,7 @@ class CalibrationResult:
         except UserError:
             ops = None
         lines.append(f"next: imkd infer --model {self.out_path} --dataroot DATAROOT --split SPLIT --eval")
-        if ops == "onnx":   # ScatterND(add): TensorRT's parser cannot take it
+        if ops == "onnx":   # float64 BEVPool sums: TensorRT has no float64 tensors
             lines.append("      (for an engine, calibrate the `imkd export --ops tensorrt` model and build that one)")
         else:
             lines.append(f"      imkd build-engine --model {self.out_path} --backend tensorrt-rtx "

@@ -98,7 +98,7 @@ def network_from_onnx(onnx_path: Path, backend: str = "tensorrt-rtx", verbose: b
         raise UserError(f"ONNX model not found: {onnx_path}")
     trt = load_tensorrt(backend)
     _refuse_plugin_nodes_on_rtx(trt, onnx_path)
-    _refuse_scatter_reductions(trt, onnx_path)
+    _refuse_onnx_runtime_lowering(trt, onnx_path)
     logger = make_logger(trt, verbose)
     plugins = register_imkd_plugins(trt)           # the parser looks creators up by op + namespace
     builder = trt.module.Builder(logger)
@@ -130,20 +130,26 @@ def _refuse_plugin_nodes_on_rtx(trt: TensorRT, onnx_path: Path) -> None:
         )
 
 
-def _refuse_scatter_reductions(trt: TensorRT, onnx_path: Path) -> None:
-    """TensorRT's ONNX parser rejects ScatterND/ScatterElements with a reduction (checked on
-    RTX 1.7: "ScatterND with reduction is not supported"), which `--ops onnx` uses for
-    BEVPool because it is ONNX Runtime's fastest form. Say which export to use instead."""
+def _refuse_onnx_runtime_lowering(trt: TensorRT, onnx_path: Path) -> None:
+    """`--ops onnx` sums BEVPool with float64 prefix sums (CumSum on a Cast to DOUBLE): TensorRT
+    has no float64 tensors, and summing in float32 instead would lose ~1e-3 to cancellation.
+    Hand-made or older exports may scatter with a reduction, which TensorRT's ONNX parser
+    rejects (checked on RTX 1.7: "ScatterND with reduction is not supported"). Say which
+    export to use instead."""
     model = onnx.load(str(onnx_path), load_external_data=False)
     for node in model.graph.node:
+        what = None
         if node.op_type in ("ScatterND", "ScatterElements"):
             reduction = next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
             if reduction != "none":
-                raise UserError(
-                    f"{onnx_path} has {node.op_type}(reduction='{reduction}') (node '{node.name}'), which "
-                    f"{trt.backend} {trt.version} cannot parse: it comes from `imkd export --ops onnx` (the fast "
-                    "ONNX Runtime form). For engines export with `--ops tensorrt` (or `--ops plugin` on NVIDIA "
-                    "TensorRT >= 10.6) and calibrate that model.")
+                what = f"{node.op_type}(reduction='{reduction}')"
+        elif node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.DOUBLE for a in node.attribute):
+            what = "a Cast to float64"
+        if what:
+            raise UserError(
+                f"{onnx_path} has {what} (node '{node.name}'), which {trt.backend} {trt.version} cannot "
+                "run: it comes from `imkd export --ops onnx` (the ONNX Runtime form). For engines export "
+                "with `--ops tensorrt` (or `--ops plugin` on NVIDIA TensorRT >= 10.6) and calibrate that model.")
 
 
 def _describe_parser_error(err) -> str:
@@ -231,7 +237,7 @@ def dry_run(onnx_path: Path, settings: BuildSettings | None = None) -> DryRunRep
     plugin_nodes = [(name, op, find_creator(trt, op.split("::")[1]) is not None) for name, op in custom]
     try:
         _refuse_plugin_nodes_on_rtx(trt, onnx_path)
-        _refuse_scatter_reductions(trt, onnx_path)
+        _refuse_onnx_runtime_lowering(trt, onnx_path)
     except UserError as exc:
         return DryRunReport(onnx_path, trt.backend, trt.version, dict(ops), unsupported, plugin_nodes, False, [str(exc)])
     ok = bool(parser.parse_from_file(str(onnx_path)))

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from onnxscript import FLOAT, INT32, INT64, script
+from onnxscript import DOUBLE, FLOAT, INT32, INT64, script
 from onnxscript import opset18 as op
 
 from imkd_deploy.config import ModelConfig
@@ -474,30 +474,55 @@ def bev_pool_plugin(
     )
 
 
-@script(IMKD_OPSET, default_opset=op)
+def _point_values(depth, feat, ranks_depth, ranks_feat):
+    """(P, C) products depth[rd[p]] * feat[rf[p], :], and C as a 1-d shape tensor."""
+    channels = op.Shape(feat, start=4, end=5)
+    neg1 = op.Constant(value_ints=[-1])
+    depth_pts = op.Gather(op.Reshape(depth, neg1), ranks_depth, axis=0)
+    feat_pts = op.Gather(op.Reshape(feat, op.Concat(neg1, channels, axis=0)), ranks_feat, axis=0)
+    return op.Mul(feat_pts, op.Unsqueeze(depth_pts, op.Constant(value_ints=[1]))), channels
+
+
+def _write_cells(sums, depth, channels, ranks_bev, interval_starts, ny: int, nx: int):
+    """(I, C) interval totals -> (B, C, ny, nx). One interval per occupied cell, so the plain
+    ScatterND writes unique rows: no reduction, nothing for threads to race on. Rows go into a
+    (B*ny*nx, C) buffer, transposed once at the end."""
+    batch = op.Shape(depth, start=0, end=1)
+    ny_t = op.Constant(value_ints=[ny])
+    nx_t = op.Constant(value_ints=[nx])
+    cells = op.Unsqueeze(op.Cast(op.Gather(ranks_bev, interval_starts, axis=0), to=INT64.dtype),
+                         op.Constant(value_ints=[1]))
+    zero = op.CastLike(op.Constant(value_float=0.0), sums)
+    acc = op.Expand(zero, op.Concat(op.Mul(op.Mul(batch, ny_t), nx_t), channels, axis=0))
+    acc = op.ScatterND(acc, cells, sums)
+    grid = op.Reshape(acc, op.Concat(batch, ny_t, nx_t, channels, axis=0))
+    return op.Transpose(grid, perm=[0, 3, 1, 2])
+
+
+def _interval_last(interval_starts, interval_lengths):
+    return op.Sub(op.Add(interval_starts, interval_lengths), op.CastLike(op.Constant(value_int=1), interval_starts))
+
+
+# Traced (not @script), like the tensorrt lowering, so both share the helpers above.
 def bev_pool_onnx(
     depth: FLOAT, feat: FLOAT, ranks_depth: INT32, ranks_feat: INT32, ranks_bev: INT32,
     interval_starts: INT32, interval_lengths: INT32, ny: int, nx: int,
 ) -> FLOAT:
-    """--ops onnx: standard ops. ORT's ScatterND(reduction=add) over whole C-rows is a tight
-    slice loop (~3.5 ms at nuScenes size here) where ScatterElements(add) takes ~175 ms, so
-    rows are scattered into a (B*ny*nx, C) buffer and transposed once to (B, C, ny, nx)."""
-    batch = op.Shape(depth, start=0, end=1)
-    channels = op.Shape(feat, start=4, end=5)
-    neg1 = op.Constant(value_ints=[-1])
-    ny_t = op.Reshape(op.Constant(value_int=ny), neg1)
-    nx_t = op.Reshape(op.Constant(value_int=nx), neg1)
-    depth_pts = op.Gather(op.Reshape(depth, neg1), ranks_depth, axis=0)
-    feat_rows = op.Reshape(feat, op.Concat(neg1, channels, axis=0))
-    feat_pts = op.Gather(feat_rows, ranks_feat, axis=0)
-    vals = op.Mul(feat_pts, op.Unsqueeze(depth_pts, op.Constant(value_ints=[1])))
-    cells = op.Mul(op.Mul(batch, ny_t), nx_t)
-    zero = op.CastLike(op.Constant(value_float=0.0), vals)
-    acc = op.Expand(zero, op.Concat(cells, channels, axis=0))
-    idx = op.Unsqueeze(op.Cast(ranks_bev, to=INT64.dtype), op.Constant(value_ints=[1]))
-    acc = op.ScatterND(acc, idx, vals, reduction="add")
-    grid = op.Reshape(acc, op.Concat(batch, ny_t, nx_t, channels, axis=0))
-    return op.Transpose(grid, perm=[0, 3, 1, 2])
+    """--ops onnx: standard ops, deterministic. Points are sorted by cell, so a cell's total is
+    a difference of two prefix sums: CumSum over the points, Gather at each interval's last
+    and first point. The prefix sums run in float64 because a float32 prefix over 10^5 points
+    loses ~1e-3 to cancellation; in float64 the totals round to float32 as exactly as a direct
+    sum. Not ScatterND(reduction=add): ONNX Runtime's CPU kernel splits the points across
+    intra-op threads without atomics, so a cell whose points straddle two threads' shares
+    loses updates now and then (onnxruntime#18048, #23396; ~1 run in 60 on the quickstart
+    student at 2 threads, errors up to 0.1 in the BEV features)."""
+    vals, channels = _point_values(depth, feat, ranks_depth, ranks_feat)
+    vals = op.Cast(vals, to=DOUBLE.dtype)
+    prefix = op.CumSum(vals, op.Constant(value_int=0))
+    sums = op.Add(op.Sub(op.Gather(prefix, _interval_last(interval_starts, interval_lengths), axis=0),
+                         op.Gather(prefix, interval_starts, axis=0)),
+                  op.Gather(vals, interval_starts, axis=0))
+    return _write_cells(op.Cast(sums, to=FLOAT.dtype), depth, channels, ranks_bev, interval_starts, ny, nx)
 
 
 def scan_steps(max_interval: int) -> int:
@@ -508,7 +533,8 @@ def scan_steps(max_interval: int) -> int:
 def make_bev_pool_tensorrt(max_interval: int):
     """--ops tensorrt: standard ops WITHOUT scatter reductions, which TensorRT's ONNX parser
     rejects (TensorRT-RTX 1.7: "ScatterND with reduction is not supported", ScatterElements:
-    "Unsupported reduction type"), and which plugins cannot replace there.
+    "Unsupported reduction type"), and which plugins cannot replace there; nor CumSum in
+    float64, which TensorRT does not run.
 
     Points are sorted by cell, so each cell's points are one contiguous interval. A segmented
     inclusive scan (Hillis-Steele: at step t every point adds the partial sum 2^t rows above
@@ -525,15 +551,8 @@ def make_bev_pool_tensorrt(max_interval: int):
         depth: FLOAT, feat: FLOAT, ranks_depth: INT32, ranks_feat: INT32, ranks_bev: INT32,
         interval_starts: INT32, interval_lengths: INT32, ny: int, nx: int,
     ) -> FLOAT:
-        batch = op.Shape(depth, start=0, end=1)
-        channels = op.Shape(feat, start=4, end=5)
-        neg1 = op.Constant(value_ints=[-1])
+        vals, channels = _point_values(depth, feat, ranks_depth, ranks_feat)
         zero_i = op.Constant(value_ints=[0])
-        ny_t = op.Constant(value_ints=[ny])
-        nx_t = op.Constant(value_ints=[nx])
-        depth_pts = op.Gather(op.Reshape(depth, neg1), ranks_depth, axis=0)
-        feat_pts = op.Gather(op.Reshape(feat, op.Concat(neg1, channels, axis=0)), ranks_feat, axis=0)
-        vals = op.Mul(feat_pts, op.Unsqueeze(depth_pts, op.Constant(value_ints=[1])))
         n = op.Shape(vals, start=0, end=1)
         minus_one = op.CastLike(op.Constant(value_int=-1), ranks_bev)   # no cell has rank -1
         for t in range(steps):
@@ -543,23 +562,16 @@ def make_bev_pool_tensorrt(max_interval: int):
             cell_above = op.Slice(op.Pad(ranks_bev, op.Constant(value_ints=[k, 0]), minus_one), zero_i, n, zero_i)
             same = op.Unsqueeze(op.Equal(ranks_bev, cell_above), op.Constant(value_ints=[1]))
             vals = op.Add(vals, op.Where(same, shifted, op.CastLike(op.Constant(value_float=0.0), vals)))
-        last = op.Sub(op.Add(interval_starts, interval_lengths), op.CastLike(op.Constant(value_int=1), interval_starts))
-        sums = op.Gather(vals, last, axis=0)
-        cells = op.Unsqueeze(op.Cast(op.Gather(ranks_bev, interval_starts, axis=0), to=INT64.dtype),
-                             op.Constant(value_ints=[1]))
-        zero = op.CastLike(op.Constant(value_float=0.0), vals)
-        acc = op.Expand(zero, op.Concat(op.Mul(op.Mul(batch, ny_t), nx_t), channels, axis=0))
-        acc = op.ScatterND(acc, cells, sums)
-        grid = op.Reshape(acc, op.Concat(batch, ny_t, nx_t, channels, axis=0))
-        return op.Transpose(grid, perm=[0, 3, 1, 2])
+        sums = op.Gather(vals, _interval_last(interval_starts, interval_lengths), axis=0)
+        return _write_cells(sums, depth, channels, ranks_bev, interval_starts, ny, nx)
 
     return bev_pool_tensorrt
 
 
 def onnx_translations(mode: str, max_interval: int | None = None) -> dict:
     """{torch op overload: onnxscript function} for torch.onnx.export(custom_translation_table=...):
-    mode "plugin" (imkd::BEVPool node), "onnx" (standard ops, ScatterND add: fastest in ONNX
-    Runtime) or "tensorrt" (standard ops TensorRT parses; needs the longest interval)."""
+    mode "plugin" (imkd::BEVPool node), "onnx" (standard ops, float64 prefix sums: the fast
+    deterministic path in ONNX Runtime) or "tensorrt" (standard ops TensorRT parses; needs the longest interval)."""
     check_mode(mode)
     if mode == "tensorrt":
         if max_interval is None:

@@ -105,6 +105,34 @@ def test_rtx_refuses_plugin_nodes_instead_of_aborting(tmp_path):
     assert not (tmp_path / "p.engine").exists()
 
 
+def _onnx_runtime_lowering_model(path, node):
+    """y = node(x) with the float64 prefix sum or the scatter-add that --ops onnx forms hold."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3])
+    idx = helper.make_tensor("idx", TensorProto.INT64, [4, 1], [0, 1, 1, 2])
+    nodes = {
+        "cast": [helper.make_node("Cast", ["x"], ["x64"], name="to_double", to=TensorProto.DOUBLE),
+                 helper.make_node("CumSum", ["x64", "axis"], ["c"], name="prefix"),
+                 helper.make_node("Cast", ["c"], ["y"], name="to_float", to=TensorProto.FLOAT)],
+        "scatter": [helper.make_node("ScatterND", ["x", "idx", "x"], ["y"], name="scatter_add", reduction="add")],
+    }[node]
+    axis = helper.make_tensor("axis", TensorProto.INT64, [], [0])
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])],
+                              initializer=[idx, axis])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+@pytest.mark.parametrize("node, what", [("cast", "a Cast to float64 \\(node 'to_double'\\)"),
+                                        ("scatter", "ScatterND\\(reduction='add'\\) \\(node 'scatter_add'\\)")])
+def test_onnx_runtime_lowering_is_refused_with_the_export_to_use(tmp_path, node, what):
+    path = _onnx_runtime_lowering_model(tmp_path / f"{node}.onnx", node)
+    with pytest.raises(UserError, match=f"{what}.*cannot run.*--ops onnx.*--ops tensorrt"):
+        build_engine(path, tmp_path / "e.engine")
+    rep = dry_run(path)
+    assert rep.parse_ok is False and any("--ops tensorrt" in e for e in rep.parse_errors)
+    assert not (tmp_path / "e.engine").exists()
+
+
 def test_current_target_needs_a_visible_gpu(small_onnx, tmp_path):
     from imkd_deploy.engines.sidecar import current_compute_capability
 

@@ -101,10 +101,25 @@ def test_onnx_mode_uses_standard_ops_only(exported):
     model = onnx.load(str(paths["onnx"]))
     onnx.checker.check_model(model, full_check=True)
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
-    scatters = [n for n in model.graph.node if n.op_type == "ScatterND"]
-    assert len(scatters) == 1
-    assert onnx.helper.get_attribute_value(scatters[0].attribute[0]) == b"add"
-    assert {"Conv", "Sigmoid", "Sub"} <= {n.op_type for n in model.graph.node}
+    # no scatter reduction: ONNX Runtime's CPU ScatterND(add) races across intra-op threads
+    scatters = [n for n in model.graph.node if n.op_type.startswith("Scatter")]
+    assert len(scatters) == 1 and all(a.name != "reduction" or a.s == b"none" for a in scatters[0].attribute)
+    assert {"Conv", "Sigmoid", "Sub", "CumSum"} <= {n.op_type for n in model.graph.node}
+
+
+def test_onnx_mode_is_deterministic_and_exact_with_threads(exported):
+    """The same input twenty times at 2 intra-op threads: bit-identical outputs, each within
+    float32 rounding of a float64 evaluation of the same module."""
+    model, paths = exported
+    sess = _session(paths["onnx"], "onnx")
+    args = _inputs(stack_geometry([compute_geometry(*_rig(23.0), CFG), compute_geometry(*_rig(-40.0), CFG)]), seed=3)
+    with torch.no_grad():
+        exact = model.double()(*(a.double() if a.is_floating_point() else a for a in args)).numpy()
+        model.float()
+    feeds = {name: a.numpy() for name, a in zip(INPUT_NAMES, args)}
+    runs = [sess.run(None, feeds)[0] for _ in range(20)]
+    assert all(np.array_equal(r, runs[0]) for r in runs[1:])
+    np.testing.assert_allclose(runs[0], exact, rtol=1e-6, atol=1e-6)
 
 
 def test_tensorrt_mode_has_no_scatter_reduction(exported):
