@@ -25,7 +25,13 @@ from scipy import stats
 from imkd_deploy.atomic import atomic_write_text
 from imkd_deploy.config import SCENE_CONDITIONS, tiny
 
-SAME = ("drive", "teacher_steps", "student_steps", "batch_size", "val_samples")
+SAME = ("teacher_steps", "student_steps", "batch_size", "val_samples")
+
+
+def _drive(meta: dict) -> tuple:
+    """The drive a run read, wherever it was written: the writer is deterministic, so the folder
+    name (which spells its options), the drive seed and the writer options identify it."""
+    return Path(meta["drive"]).name, meta.get("drive_seed"), meta.get("writer")
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -69,6 +75,8 @@ def summarise(files: list[Path]) -> str:
     first = runs[0]["meta"]
     for f, r in zip(files, runs):
         diff = [k for k in SAME if r["meta"].get(k) != first.get(k)]
+        if _drive(r["meta"]) != _drive(first):
+            diff.append("drive")
         # students with another camera pair only with the plain student of that camera
         if (r["meta"].get("camera") or {}) != (first.get("camera") or {}):
             diff.append("camera")

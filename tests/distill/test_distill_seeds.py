@@ -102,3 +102,22 @@ def test_teachers_on_other_lidar_sweeps_keep_their_rows_and_share_the_plain_stud
     # all - none: 0.480 - 0.490 and 0.470 - 0.486
     assert _table_row(table, "all [10 LiDAR sweeps]")[5] == "-1.3 ± 0.4 (-1.0, -1.6)"
     assert "different teachers" not in table and "different LiDAR sweeps" in table
+
+
+def test_the_same_drive_written_in_another_workdir_pairs_but_another_drive_does_not(tmp_path):
+    writer = {"scenes": 30, "night_exposure": "auto"}
+
+    def run(name: str, seed: int, drive: str, **meta_extra) -> Path:
+        path = _write(tmp_path, name, seed, [_row("none", 0.4, 0.3)])
+        data = json.loads(path.read_text())
+        data["meta"].update({"drive": drive, "drive_seed": 0, "writer": writer, **meta_extra})
+        path.write_text(json.dumps(data))
+        return path
+
+    a = run("a", 0, "/tmp/w1/drive-30scenes-auto")
+    moved = run("moved", 1, "/tmp/w2/drive-30scenes-auto")
+    assert "| none |" in distill_seeds.summarise([a, moved])
+    for name, drive, extra in (("other", "/tmp/w2/drive-30scenes", {}),
+                               ("reseeded", "/tmp/w2/drive-30scenes-auto", {"drive_seed": 1})):
+        with pytest.raises(SystemExit, match=f"{name}.json.*drive"):
+            distill_seeds.summarise([a, run(name, 2, drive, **extra)])
