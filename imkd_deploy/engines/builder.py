@@ -148,7 +148,7 @@ def _refuse_onnx_runtime_lowering(trt: TensorRT, onnx_path: Path) -> None:
         if what:
             raise UserError(
                 f"{onnx_path} has {what} (node '{node.name}'), which {trt.backend} {trt.version} cannot "
-                "run: it comes from `imkd export --ops onnx` (the ONNX Runtime form). For engines export "
+                "run: it is an ONNX Runtime form (`imkd export --ops onnx`, or a hand-written export). For engines export "
                 "with `--ops tensorrt` (or `--ops plugin` on NVIDIA TensorRT >= 10.6) and calibrate that model.")
 
 
