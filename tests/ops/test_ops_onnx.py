@@ -84,6 +84,12 @@ def _session(path, mode):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def _one_plain_scatter(model) -> bool:
+    """One Scatter* node, without a reduction: BEVPool writes each cell's total once."""
+    scatters = [n for n in model.graph.node if n.op_type.startswith("Scatter")]
+    return len(scatters) == 1 and all(a.name != "reduction" or a.s == b"none" for a in scatters[0].attribute)
+
+
 def test_plugin_graph_has_imkd_nodes_with_plugin_attributes(exported):
     _, paths = exported
     model = onnx.load(str(paths["plugin"]))
@@ -104,8 +110,7 @@ def test_onnx_mode_uses_standard_ops_only(exported):
     onnx.checker.check_model(model, full_check=True)
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
     # no scatter reduction: ONNX Runtime's CPU ScatterND(add) races across intra-op threads
-    scatters = [n for n in model.graph.node if n.op_type.startswith("Scatter")]
-    assert len(scatters) == 1 and all(a.name != "reduction" or a.s == b"none" for a in scatters[0].attribute)
+    assert _one_plain_scatter(model)
     assert {"Conv", "Sigmoid", "Sub", "CumSum"} <= {n.op_type for n in model.graph.node}
 
 
@@ -129,8 +134,7 @@ def test_tensorrt_mode_has_no_scatter_reduction(exported):
     onnx.checker.check_model(model, full_check=True)
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
     assert not any(n.op_type == "Loop" for n in model.graph.node)       # the scan is unrolled
-    scatters = [n for n in model.graph.node if n.op_type.startswith("Scatter")]
-    assert len(scatters) == 1 and all(a.name != "reduction" or a.s == b"none" for a in scatters[0].attribute)
+    assert _one_plain_scatter(model)
 
 
 @pytest.mark.parametrize("mode", ["plugin", "onnx", "tensorrt"])
