@@ -11,8 +11,10 @@ Runtime on what the exporter makes of the plain reference (GatherND + ScatterND:
 baseline), and ONNX Runtime on our standard-op lowering (``--ops onnx``). Times are medians
 after warm-up; the ratios are against the lowering, all from this one run, so they hold even
 when the machine is shared. Each ORT row also runs ``--repeats`` more times on the same input:
-its error is the worst run's, and "runs differing" counts outputs that differ from the first
-(a scatter-add that threads race on shows there with ``--threads`` >= 2).
+its error is the worst run's (against the float32 reference and against a float64 evaluation,
+which separates the reference's own rounding from the form's), and "runs differing" counts
+outputs that differ from the first (a scatter-add that threads race on shows there with
+``--threads`` >= 2).
 """
 
 from __future__ import annotations
@@ -95,12 +97,15 @@ def bench(bins: int, repeats: int, threads: int, workdir: Path) -> dict:
 
     with torch.no_grad():
         expected = bev_pool_reference(*args, ny, nx).numpy()
+        # the float32 reference rounds too: a float64 evaluation shows whose rounding is whose
+        exact = bev_pool_reference(depth.double(), feat.double(), *ranks, ny, nx).numpy()
         rows = {
             "torch reference": _median_ms(lambda: bev_pool_reference(*args, ny, nx), repeats),
             "torch custom op (imkd::bev_pool)": _median_ms(lambda: bev_pool(*args, (ny, nx)), repeats),
         }
     rows["numpy kernel alone"] = _median_ms(lambda: bev_pool_numpy(*np_args, ny, nx), repeats)
     errors = {"numpy kernel alone": float(np.abs(bev_pool_numpy(*np_args, ny, nx) - expected).max())}
+    errors64 = {"torch reference": float(np.abs(expected - exact).max())}
     differing = {}
 
     variants = (
@@ -121,11 +126,13 @@ def bench(bins: int, repeats: int, threads: int, workdir: Path) -> dict:
         # worst run of several: a scatter-add split across threads without atomics can lose updates
         runs = [sess.run(None, feeds)[0] for _ in range(repeats)]
         errors[label] = max(float(np.abs(out - expected).max()) for out in runs)
+        errors64[label] = max(float(np.abs(out - exact).max()) for out in runs)
         differing[label] = sum(not np.array_equal(out, runs[0]) for out in runs[1:])
     return {
         "depth_bins": bins, "cams": cfg.num_cams, "feat_hw": [fh, fw], "channels": cfg.context_channels,
         "bev_hw": [ny, nx], "points": geom.num_points, "intervals": geom.num_intervals,
-        "ms": rows, "max_abs_err_vs_reference": errors, "runs_differing_from_the_first": differing,
+        "ms": rows, "max_abs_err_vs_reference": errors, "max_abs_err_vs_float64": errors64,
+        "runs_differing_from_the_first": differing,
         "repeats": repeats,
     }
 
@@ -136,13 +143,15 @@ def _print(result: dict) -> None:
           f"C={result['channels']}, BEV {result['bev_hw'][0]}x{result['bev_hw'][1]}: "
           f"{result['points']} points in {result['intervals']} cells")
     print(f"{'implementation':42s} {'median ms':>10s} {'x lowering':>11s} {'max abs err':>12s} "
-          f"{'runs differing':>15s}")
+          f"{'err vs fp64':>12s} {'runs differing':>15s}")
     for name, ms in result["ms"].items():
         err = result["max_abs_err_vs_reference"].get(name)
         err_s = f"{err:12.2e}" if err is not None else f"{'(ref)':>12s}"
+        err64 = result["max_abs_err_vs_float64"].get(name)
+        err64_s = f"{err64:12.2e}" if err64 is not None else f"{'':12s}"
         diff = result["runs_differing_from_the_first"].get(name)
         diff_s = f"{diff:>7d} of {result['repeats'] - 1:<4d}" if diff is not None else ""
-        print(f"{name:42s} {ms:10.2f} {ms / lowering:11.2f} {err_s} {diff_s}")
+        print(f"{name:42s} {ms:10.2f} {ms / lowering:11.2f} {err_s} {err64_s} {diff_s}")
 
 
 def main(argv: list[str] | None = None) -> int:

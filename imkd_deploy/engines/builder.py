@@ -131,8 +131,8 @@ def _refuse_plugin_nodes_on_rtx(trt: TensorRT, onnx_path: Path) -> None:
 
 
 def _refuse_onnx_runtime_lowering(trt: TensorRT, onnx_path: Path) -> None:
-    """`--ops onnx` sums BEVPool with float64 prefix sums (CumSum on a Cast to DOUBLE): TensorRT
-    has no float64 tensors, and summing in float32 instead would lose ~1e-3 to cancellation.
+    """`--ops onnx` carries BEVPool's prefix sums from block to block in float64 (a Cast to
+    DOUBLE): TensorRT has no float64 tensors, and float32 carries would lose ~1e-3 to cancellation.
     Hand-made or older exports may scatter with a reduction, which TensorRT's ONNX parser
     rejects (checked on RTX 1.7: "ScatterND with reduction is not supported"). Say which
     export to use instead."""

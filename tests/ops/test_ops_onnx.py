@@ -13,7 +13,7 @@ import torch
 from imkd_deploy.config import tiny
 from imkd_deploy.errors import UserError
 from imkd_deploy.ops import onnx_translation_table, register_ort_kernels
-from imkd_deploy.ops.bev_pool import bev_pool, compute_geometry, example_rig, stack_geometry
+from imkd_deploy.ops.bev_pool import PREFIX_BLOCK, bev_pool, compute_geometry, example_rig, stack_geometry
 from imkd_deploy.ops.intensity_fusion import IntensityFusion
 
 CFG = tiny().replace(context_channels=6)
@@ -157,3 +157,60 @@ def test_ort_matches_torch_on_other_geometries(exported, mode):
 def test_unknown_mode_is_a_user_error():
     with pytest.raises(UserError, match="plugin\\|onnx\\|tensorrt"):
         onnx_translation_table("trt")
+
+
+class _PoolOnly(torch.nn.Module):
+    def __init__(self, bev_hw):
+        super().__init__()
+        self.bev_hw = bev_hw
+
+    def forward(self, depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths):
+        return bev_pool(depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths, self.bev_hw)
+
+
+def _blocky_geometry(lengths, depth_size, feat_size, rng):
+    """Intervals of the given lengths, one per cell, with random depth/feature indices."""
+    lengths = np.asarray(lengths, dtype=np.int32)
+    points = int(lengths.sum())
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int32)
+    ranks_bev = np.repeat(np.arange(len(lengths), dtype=np.int32) * 3, lengths)   # every third cell
+    rd = rng.integers(0, depth_size, points).astype(np.int32)
+    rf = rng.integers(0, feat_size, points).astype(np.int32)
+    return rd, rf, ranks_bev, starts, lengths
+
+
+def test_onnx_mode_sums_across_prefix_block_edges(tmp_path):
+    """The ``onnx`` lowering sums in float32 blocks of PREFIX_BLOCK points with float64 carries:
+    intervals that start or end on a block edge, span several blocks, or fill the last block
+    exactly (no padding) equal a float64 sum to float32 rounding (rtol 2e-6; measured 6e-7).
+    Features of ~100 make the running sum reach ~3e4: one float32 prefix over the whole array
+    (PREFIX_BLOCK set past the point count) is off by 2.2e-5 relative here, a lost carry by a
+    whole block's total."""
+    block = PREFIX_BLOCK
+    ny, nx, d, h, w, c = 16, 16, 4, 3, 5, 7
+    rng = np.random.default_rng(0)
+    cases = {
+        "edges": [1, block - 2, 1, block, 3 * block + 5, 1, 1],          # ends/starts on edges, one spans 4 blocks
+        "exact": [block - 1, 1, 2 * block],                                # points a multiple of the block: no pad
+        "one past": [block, block, 1],                                     # a last block of one point
+    }
+    module = _PoolOnly((ny, nx)).eval()
+    depth = torch.rand(1, 1, d, h, w, generator=torch.Generator().manual_seed(0)).softmax(2)
+    feat = 100.0 + torch.rand(1, 1, h, w, c, generator=torch.Generator().manual_seed(1))
+    first = [torch.from_numpy(a) for a in _blocky_geometry(cases["edges"], d * h * w, h * w, rng)]
+    points, cells = torch.export.Dim("P"), torch.export.Dim("K")
+    program = torch.onnx.export(module, (depth, feat, *first), dynamo=True, verbose=False,
+                                dynamic_shapes=(None, None, {0: points}, {0: points}, {0: points}, {0: cells}, {0: cells}),
+                                custom_translation_table=onnx_translation_table("onnx"))
+    program.save(str(tmp_path / "pool.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "pool.onnx"), providers=["CPUExecutionProvider"])
+    for name, lengths in cases.items():
+        geom = _blocky_geometry(lengths, d * h * w, h * w, rng)
+        assert (sum(lengths) % block == 0) == (name == "exact")
+        (got,) = sess.run(None, dict(zip([i.name for i in sess.get_inputs()], (depth.numpy(), feat.numpy(), *geom))))
+        rd, rf, rb = geom[:3]
+        vals = depth.double().reshape(-1)[rd].numpy()[:, None] * feat.double().reshape(-1, c)[rf].numpy()
+        exact = np.zeros((ny * nx, c))
+        np.add.at(exact, rb, vals)
+        exact = exact.reshape(1, ny, nx, c).transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(got, exact, rtol=2e-6, atol=0, err_msg=name)
