@@ -209,7 +209,7 @@ def _print_parity(rows) -> None:
 def export_cmd(
     checkpoint: Path = typer.Option(..., help="Student checkpoint (.safetensors) from imkd train student."),
     out_path: Path = typer.Option(..., "--out", help="ONNX file to write, e.g. export/student.onnx (+ .onnx.json sidecar)."),
-    ops: str = typer.Option("onnx", help="onnx: standard ops, BEVPool as float64 prefix sums (the fast, deterministic ONNX Runtime path); tensorrt: standard ops TensorRT's parser accepts (segmented-scan BEVPool; for engines without plugins, e.g. TensorRT-RTX); plugin: imkd::BEVPool / imkd::IntensityFusion nodes (NVIDIA TensorRT >= 10.6 plugins, ORT Python kernels)."),
+    ops: str = typer.Option("onnx", help="onnx: standard ops, BEVPool as blocked prefix sums (the fast, deterministic ONNX Runtime path); tensorrt: standard ops TensorRT's parser accepts (segmented-scan BEVPool; for engines without plugins, e.g. TensorRT-RTX); plugin: imkd::BEVPool / imkd::IntensityFusion nodes (NVIDIA TensorRT >= 10.6 plugins, ORT Python kernels)."),
     dataroot: Optional[Path] = typer.Option(None, help="Check parity on a real frame of this drive (default: a synthetic nuScenes-like rig)."),
     version: str = typer.Option("v1.0-mini", help="Table folder name of --dataroot."),
     atol: Optional[float] = typer.Option(None, help="Parity tolerance against torch (FP32, max abs; default onnx_export.PARITY_ATOL, 1e-4)."),

@@ -595,7 +595,7 @@ def make_bev_pool_tensorrt(max_interval: int):
 
 def onnx_translations(mode: str, max_interval: int | None = None) -> dict:
     """{torch op overload: onnxscript function} for torch.onnx.export(custom_translation_table=...):
-    mode "plugin" (imkd::BEVPool node), "onnx" (standard ops, float64 prefix sums: the fast
+    mode "plugin" (imkd::BEVPool node), "onnx" (standard ops, blocked prefix sums: the fast
     deterministic path in ONNX Runtime) or "tensorrt" (standard ops TensorRT parses; needs the longest interval)."""
     check_mode(mode)
     if mode == "tensorrt":
