@@ -13,7 +13,9 @@ import torch
 from imkd_deploy.config import tiny
 from imkd_deploy.errors import UserError
 from imkd_deploy.ops import onnx_translation_table, register_ort_kernels
-from imkd_deploy.ops.bev_pool import PREFIX_BLOCK, bev_pool, compute_geometry, example_rig, stack_geometry
+from imkd_deploy.ops.bev_pool import (
+    PREFIX_BLOCK, bev_pool, bev_pool_reference, compute_geometry, example_rig, stack_geometry,
+)
 from imkd_deploy.ops.intensity_fusion import IntensityFusion
 
 CFG = tiny().replace(context_channels=6)
@@ -208,9 +210,5 @@ def test_onnx_mode_sums_across_prefix_block_edges(tmp_path):
         geom = _blocky_geometry(lengths, d * h * w, h * w, rng)
         assert (sum(lengths) % block == 0) == (name == "exact")
         (got,) = sess.run(None, dict(zip([i.name for i in sess.get_inputs()], (depth.numpy(), feat.numpy(), *geom))))
-        rd, rf, rb = geom[:3]
-        vals = depth.double().reshape(-1)[rd].numpy()[:, None] * feat.double().reshape(-1, c)[rf].numpy()
-        exact = np.zeros((ny * nx, c))
-        np.add.at(exact, rb, vals)
-        exact = exact.reshape(1, ny, nx, c).transpose(0, 3, 1, 2)
+        exact = bev_pool_reference(depth.double(), feat.double(), *map(torch.from_numpy, geom), ny, nx).numpy()
         np.testing.assert_allclose(got, exact, rtol=2e-6, atol=0, err_msg=name)
