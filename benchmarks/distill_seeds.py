@@ -7,7 +7,7 @@ means the seeds do not show a difference either way.
     python benchmarks/distill_seeds.py benchmarks/results/imkd_seed0.json ... \\
         --out benchmarks/results/imkd_seeds.md
 
-Every file must come from the same drive, teacher and step counts; the student seed and the
+Every file must come from the same drive, teacher, step counts and CPU; the student seed and the
 distillation settings may differ (rows with other ``--set``/``--w-*`` settings get their own
 line, paired with the plain student of their seed from any file). The table goes to ``--out`` (written atomically) and to stdout.
 """
@@ -80,6 +80,11 @@ def summarise(files: list[Path]) -> str:
         # students with another camera pair only with the plain student of that camera
         if (r["meta"].get("camera") or {}) != (first.get("camera") or {}):
             diff.append("camera")
+        # Training is not bit-reproducible across CPUs (the round-19 teacher command gave val NDS
+        # 0.6493 on an AMD EPYC, 0.6353 on an Intel Xeon), so a plain student trained on another
+        # machine is another model. Files written before the field existed carry no CPU.
+        if len({r["meta"].get("cpu"), first.get("cpu")} - {None}) > 1:
+            diff.append("cpu")
         if diff:
             raise SystemExit(f"{f}: differs from {files[0]} in {diff}; combine only runs of one setting")
     # Files may hold teachers on other LiDAR sweeps. The plain student reads only the key

@@ -121,3 +121,19 @@ def test_the_same_drive_written_in_another_workdir_pairs_but_another_drive_does_
                                ("reseeded", "/tmp/w2/drive-30scenes-auto", {"drive_seed": 1})):
         with pytest.raises(SystemExit, match=f"{name}.json.*drive"):
             distill_seeds.summarise([a, run(name, 2, drive, **extra)])
+
+
+def test_refuses_runs_trained_on_another_cpu(tmp_path):
+    def run(name: str, seed: int, cpu: str | None) -> Path:
+        path = _write(tmp_path, name, seed, [_row("none", 0.4, 0.3)])
+        data = json.loads(path.read_text())
+        if cpu is not None:
+            data["meta"]["cpu"] = cpu
+        path.write_text(json.dumps(data))
+        return path
+
+    epyc = run("epyc", 0, "AMD EPYC, torch AVX512")
+    assert "| none |" in distill_seeds.summarise([epyc, run("epyc1", 1, "AMD EPYC, torch AVX512")])
+    assert "| none |" in distill_seeds.summarise([epyc, run("unknown", 1, None)])  # older files: no field
+    with pytest.raises(SystemExit, match="xeon.json.*cpu"):
+        distill_seeds.summarise([epyc, run("xeon", 1, "Intel Xeon, torch AVX512")])
