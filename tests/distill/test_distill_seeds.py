@@ -18,9 +18,9 @@ def _row(variant: str, nds: float, mean_ap: float) -> dict:
             "tp_errors": {"trans_err": 0.5, "vel_err": 0.9}}
 
 
-def _write(tmp: Path, name: str, seed: int, rows: list[dict], student_steps: int = 1600) -> Path:
+def _write(tmp: Path, name: str, seed: int, rows: list[dict], student_steps: int = 1600, **meta_extra) -> Path:
     meta = {"drive": "/d", "teacher_steps": 1200, "student_steps": student_steps, "batch_size": 2,
-            "val_samples": 80, "train_samples": 320, "seed": seed, "teacher_seed": 0}
+            "val_samples": 80, "train_samples": 320, "seed": seed, "teacher_seed": 0, **meta_extra}
     path = tmp / f"{name}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}))
     return path
@@ -108,11 +108,8 @@ def test_the_same_drive_written_in_another_workdir_pairs_but_another_drive_does_
     writer = {"scenes": 30, "night_exposure": "auto"}
 
     def run(name: str, seed: int, drive: str, **meta_extra) -> Path:
-        path = _write(tmp_path, name, seed, [_row("none", 0.4, 0.3)])
-        data = json.loads(path.read_text())
-        data["meta"].update({"drive": drive, "drive_seed": 0, "writer": writer, **meta_extra})
-        path.write_text(json.dumps(data))
-        return path
+        return _write(tmp_path, name, seed, [_row("none", 0.4, 0.3)],
+                      **{"drive": drive, "drive_seed": 0, "writer": writer, **meta_extra})
 
     a = run("a", 0, "/tmp/w1/drive-30scenes-auto")
     moved = run("moved", 1, "/tmp/w2/drive-30scenes-auto")
@@ -125,12 +122,7 @@ def test_the_same_drive_written_in_another_workdir_pairs_but_another_drive_does_
 
 def test_refuses_runs_trained_on_another_cpu(tmp_path):
     def run(name: str, seed: int, cpu: str | None) -> Path:
-        path = _write(tmp_path, name, seed, [_row("none", 0.4, 0.3)])
-        data = json.loads(path.read_text())
-        if cpu is not None:
-            data["meta"]["cpu"] = cpu
-        path.write_text(json.dumps(data))
-        return path
+        return _write(tmp_path, name, seed, [_row("none", 0.4, 0.3)], **({} if cpu is None else {"cpu": cpu}))
 
     epyc = run("epyc", 0, "AMD EPYC, torch AVX512")
     assert "| none |" in distill_seeds.summarise([epyc, run("epyc1", 1, "AMD EPYC, torch AVX512")])
