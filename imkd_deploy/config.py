@@ -223,6 +223,7 @@ class DistillConfig(_Serializable):
     kd_until: float | None = None  # None: constant level-1/2 weights; a share s of the run: they fall (cosine) to 0 at s*max_steps
     resp_until: float | None = None  # the same schedule for w_resp and w_resp_reg, on its own
     resp_reg_skip: str = ""      # head outputs the regression KD leaves out, "+"-separated (offset|height|dims|rot|vel)
+    resp_reg_gate: bool = False  # regression KD of a head output only at cells where the teacher beats the student on the GT
     kd_skip: str = ""            # scene conditions ("+"-separated day|rain|night) whose samples get no distillation at all
 
     @property

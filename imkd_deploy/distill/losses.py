@@ -147,19 +147,64 @@ def kd_code_weights(skip: str = "") -> tuple[float, ...]:
     return tuple(0.0 if name in left_out else w for name, w in zip(names, REG_CODE_WEIGHTS))
 
 
+def dense_regression_targets(index: torch.Tensor, mask: torch.Tensor, reg: torch.Tensor, ny: int, nx: int) -> torch.Tensor:
+    """The regression target of every BEV cell: that of the nearest GT centre (in cells), with
+    the offset re-aimed from the cell to that centre. (B, 10, ny, nx); zeros without objects.
+
+    The centre-cell targets (``index``/``mask``/``reg`` of build_targets) are all the batch
+    holds; a neighbour of a centre that the decode reads needs the same box, seen from there."""
+    b = index.shape[0]
+    m = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
+    dense = reg.new_zeros(b, ny * nx, reg.shape[-1])
+    if m == 0:
+        return dense.transpose(1, 2).reshape(b, -1, ny, nx)
+    idx, real = index[:, :m], mask[:, :m] > 0                       # build_targets packs objects first
+    cy, cx = (idx // nx).float(), (idx % nx).float()
+    cell = torch.arange(ny * nx, device=index.device)
+    gy, gx = (cell // nx).float(), (cell % nx).float()
+    d2 = (gx[None, :, None] - cx[:, None, :]).pow(2) + (gy[None, :, None] - cy[:, None, :]).pow(2)
+    owner = d2.masked_fill(~real[:, None, :], float("inf")).argmin(dim=2)      # (B, P)
+    dense = reg[:, :m].gather(1, owner[..., None].expand(-1, -1, reg.shape[-1])).clone()
+    dense[..., 0] += cx.gather(1, owner) - gx[None]
+    dense[..., 1] += cy.gather(1, owner) - gy[None]
+    return dense.transpose(1, 2).reshape(b, -1, ny, nx)
+
+
+def teacher_wins(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
+                 code_weights: tuple[float, ...] = REG_CODE_WEIGHTS) -> torch.Tensor:
+    """1 where the teacher's regression of a head output (all its channels, code-weighted L1)
+    is closer to ``target`` than the student's, else 0: (B, 10, ny, nx) like the maps."""
+    code = target.new_tensor(code_weights).view(1, -1, 1, 1)
+    e_s, e_t = (student - target).abs() * code, (teacher - target).abs() * code
+    gates, start = [], 0
+    for c in HEAD_OUTPUTS.values():
+        win = e_t[:, start:start + c].sum(1, keepdim=True) < e_s[:, start:start + c].sum(1, keepdim=True)
+        gates.append(win.float().expand(-1, c, -1, -1))
+        start += c
+    return torch.cat(gates, dim=1)
+
+
 def response_regression_loss(student_out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor],
-                             gt_heatmap: torch.Tensor, code_weights: tuple[float, ...] = REG_CODE_WEIGHTS) -> torch.Tensor:
+                             gt_heatmap: torch.Tensor, code_weights: tuple[float, ...] = REG_CODE_WEIGHTS,
+                             gate_target: torch.Tensor | None = None) -> torch.Tensor:
     """L1 between the student's and the teacher's regression maps (CenterPoint's code weights),
     weighted by the GT heatmap's Gaussian (max over classes) and divided by its sum.
 
     The detection loss supervises regression only at the GT centre cell. The decode reads the
     peak cell, which for a student is often a neighbour; there the teacher's outputs (its
     velocity and localisation are far better than the student's) are the only target.
-    ``code_weights`` (kd_code_weights) can leave out what the teacher does worse, such as heading."""
+    ``code_weights`` (kd_code_weights) can leave out what the teacher does worse, such as heading.
+    ``gate_target`` (dense_regression_targets) keeps a head output's term only at the cells
+    where the teacher is the closer of the two to it (Chen et al. 2017's teacher-bounded
+    regression, per cell): the teacher's heading and attributes are no better than the
+    student's overall, but are at some cells, and the gate finds which."""
     w = gt_heatmap.amax(dim=1, keepdim=True).detach()
     code = gt_heatmap.new_tensor(code_weights).view(1, -1, 1, 1)
-    err = ((regression_maps(student_out) - regression_maps(teacher_out).detach()).abs() * code).sum(dim=1, keepdim=True)
-    return (w * err).sum() / w.sum().clamp_min(EPS)
+    student, teacher = regression_maps(student_out), regression_maps(teacher_out).detach()
+    diff = (student - teacher).abs() * code
+    if gate_target is not None:
+        diff = diff * teacher_wins(student.detach(), teacher, gate_target, code_weights)
+    return (w * diff.sum(dim=1, keepdim=True)).sum() / w.sum().clamp_min(EPS)
 
 
 def make_adapter(c_in: int, c_out: int, kind: str) -> nn.Module:
@@ -237,7 +282,9 @@ class IMKDCriterion(nn.Module):
             terms["resp_kd"] = response_distill_loss(out["heatmap"], teacher["heatmap"], centre_count(batch["heatmap"]))
             weights["resp_kd"] = d.w_resp * self.resp_scale
         if self.use_resp_reg:
-            terms["resp_reg_kd"] = REG_WEIGHT * response_regression_loss(out, teacher, batch["heatmap"], self.resp_reg_code)
+            gate = (dense_regression_targets(batch["index"], batch["mask"], batch["reg"], *batch["heatmap"].shape[-2:])
+                    if d.resp_reg_gate else None)
+            terms["resp_reg_kd"] = REG_WEIGHT * response_regression_loss(out, teacher, batch["heatmap"], self.resp_reg_code, gate)
             weights["resp_reg_kd"] = d.w_resp_reg * self.resp_scale
         if not kept:
             terms.update({k: v * 0.0 for k, v in list(terms.items())[kd_terms:]})

@@ -12,9 +12,9 @@ from fake_frames import fake_frames
 from imkd_deploy.config import BEVGrid, ConfigError, DistillConfig, tiny
 from imkd_deploy.distill.dataset import training_sample
 from imkd_deploy.distill.depth_target import IGNORE, depth_bin_targets
-from imkd_deploy.distill.losses import (IMKDCriterion, depth_loss, fused_distill_loss, gaussian_focal_loss, kd_code_weights,
+from imkd_deploy.distill.losses import (IMKDCriterion, dense_regression_targets, depth_loss, fused_distill_loss, gaussian_focal_loss, kd_code_weights,
                                         radar_distill_loss, regression_l1, response_distill_loss,
-                                        response_regression_loss, weighted_feature_mse)
+                                        regression_maps, response_regression_loss, weighted_feature_mse)
 from imkd_deploy.model.head import HEAD_OUTPUTS, build_targets
 from imkd_deploy.ops.bev_pool import example_rig
 
@@ -101,6 +101,65 @@ def test_response_regression_distill_is_code_weighted_l1_over_the_gt_gaussian():
     assert float(response_regression_loss(student, teacher, heat, no_vel)) == pytest.approx(1.0 / 1.5, rel=1e-6)
     with pytest.raises(ConfigError, match="resp_reg_skip.*'yaw'"):
         DistillConfig(resp_reg_skip="rot+yaw").validate()
+
+
+def test_dense_regression_targets_aim_each_cell_at_its_nearest_gt_centre():
+    grid = BEVGrid(x_range=(-8.0, 8.0), y_range=(-8.0, 8.0), cell=1.0)
+    boxes = np.array([[-4.7, -4.2, 0.5, 2.0, 4.0, 1.5, 0.3, 1.0, 0.0],       # centre cell (3, 3)
+                      [3.4, 2.9, 1.0, 0.6, 0.7, 1.7, -1.2, 0.0, 0.5]])      # centre cell (11, 10)
+    t = build_targets(boxes, np.array([0, 8]), grid, 10)
+    batch = {k: torch.from_numpy(getattr(t, k))[None] for k in ("index", "mask", "reg")}
+    dense = dense_regression_targets(batch["index"], batch["mask"], batch["reg"], grid.ny, grid.nx)[0]
+    assert dense.shape == (10, grid.ny, grid.nx)
+    reg = torch.from_numpy(t.reg[:2])
+    # at the centre cells: build_targets' own targets
+    assert torch.equal(dense[:, 3, 3], reg[0]) and torch.equal(dense[:, 10, 11], reg[1])
+    # two cells right of and one above the first centre: the same box, its offset re-aimed there
+    expected = reg[0].clone()
+    expected[0] -= 2.0
+    expected[1] -= 1.0
+    torch.testing.assert_close(dense[:, 4, 5], expected, rtol=0, atol=1e-6)
+    # the decode from any cell lands on its owner's centre: cell + offset = the box's x, y in cells
+    assert float(dense[0, 4, 5] + 5 - 8) == pytest.approx(-4.7, abs=1e-5)
+    # ownership goes to the nearer centre; a sample without boxes gives zeros
+    assert torch.equal(dense[2:, 9, 10], reg[1, 2:]) and torch.equal(dense[2:, 4, 4], reg[0, 2:])
+    empty = torch.zeros_like(batch["mask"])
+    assert not dense_regression_targets(batch["index"], empty, batch["reg"], grid.ny, grid.nx).any()
+
+
+def test_gated_regression_distill_keeps_only_what_the_teacher_does_better():
+    heat = torch.zeros(1, 10, 1, 3)
+    heat[0, 0] = torch.tensor([1.0, 0.5, 0.25])
+    target = torch.zeros(1, 10, 1, 3)                         # the ground truth: zeros everywhere
+    student = {k: torch.zeros(1, c, 1, 3) for k, c in HEAD_OUTPUTS.items()}
+    teacher = {k: torch.zeros(1, c, 1, 3) for k, c in HEAD_OUTPUTS.items()}
+    student["dims"][0, :, 0, 0] = 1.0                         # cell 0: the student's size is off by 1 in each channel
+    teacher["dims"][0, 0, 0, 0] = 0.5                         # ... the teacher's by 0.5 in one: it wins, and is taught
+    student["rot"][0, 0, 0, 1] = 0.1                          # cell 1: the student's heading errs less
+    teacher["rot"][0, 0, 0, 1] = 0.4                          # ... than the teacher's: no heading taught there
+    teacher["vel"][0, 1, 0, 2] = 2.0                          # cell 2: the student is exact, the teacher not
+    ungated = (1.0 * 2.5 + 0.5 * 0.3 + 0.25 * 0.2 * 2.0) / 1.75
+    assert float(response_regression_loss(student, teacher, heat)) == pytest.approx(ungated, rel=1e-6)
+    gated = 1.0 * 2.5 / 1.75
+    assert float(response_regression_loss(student, teacher, heat, gate_target=target)) == pytest.approx(gated, rel=1e-6)
+    # a teacher equal to the ground truth wins wherever the student errs: the gate then changes nothing
+    assert float(response_regression_loss(student, teacher, heat, gate_target=regression_maps(teacher))) == \
+        pytest.approx(ungated, rel=1e-6)
+    # in the criterion, behind the config flag: a teacher at the box's own targets always wins
+    grid = tiny().grid
+    batch = _one_box_batch(grid)
+    r = _maps(3)
+    out = _student_out(r, grid)
+    dense = dense_regression_targets(batch["index"], batch["mask"], batch["reg"], grid.ny, grid.nx)
+    exact = dict(zip(HEAD_OUTPUTS, dense.split(list(HEAD_OUTPUTS.values()), dim=1)))
+    noisy = {k: v + r(*v.shape) for k, v in exact.items()}
+    terms = {}
+    for gate in (False, True):
+        crit = IMKDCriterion(tiny(), DistillConfig(levels="resp", w_resp_reg=1.0, resp_reg_gate=gate), "student")
+        terms[gate] = {name: float(crit(out, batch, {"heatmap": out["heatmap"], **t})["resp_reg_kd"])
+                       for name, t in (("exact", exact), ("noisy", noisy))}
+    assert terms[True]["exact"] == pytest.approx(terms[False]["exact"], rel=1e-6)
+    assert 0 < terms[True]["noisy"] < 0.9 * terms[False]["noisy"]
 
 
 def test_radar_distill_weights_follow_lidar_intensity_and_radar_hits():
