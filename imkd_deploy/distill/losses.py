@@ -167,6 +167,7 @@ def dense_regression_targets(index: torch.Tensor, mask: torch.Tensor, reg: torch
     dense = reg[:, :m].gather(1, owner[..., None].expand(-1, -1, reg.shape[-1])).clone()
     dense[..., 0] += cx.gather(1, owner) - gx[None]
     dense[..., 1] += cy.gather(1, owner) - gy[None]
+    dense = dense * real.any(dim=1)[:, None, None]                  # a sample without boxes has no owner
     return dense.transpose(1, 2).reshape(b, -1, ny, nx)
 
 

@@ -125,6 +125,9 @@ def test_dense_regression_targets_aim_each_cell_at_its_nearest_gt_centre():
     assert torch.equal(dense[2:, 9, 10], reg[1, 2:]) and torch.equal(dense[2:, 4, 4], reg[0, 2:])
     empty = torch.zeros_like(batch["mask"])
     assert not dense_regression_targets(batch["index"], empty, batch["reg"], grid.ny, grid.nx).any()
+    pair = (torch.cat([batch["index"]] * 2), torch.cat([batch["mask"], empty]), torch.cat([batch["reg"]] * 2))
+    two = dense_regression_targets(*pair, grid.ny, grid.nx)
+    assert torch.equal(two[0], dense) and not two[1].any()
 
 
 def test_gated_regression_distill_keeps_only_what_the_teacher_does_better():
