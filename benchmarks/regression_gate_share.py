@@ -1,0 +1,77 @@
+"""How much of the regression response term the gate (``DistillConfig.resp_reg_gate``) keeps:
+for each head output, the share of the GT-heatmap weight on which the teacher is closer to the
+ground truth than a student, and both models' GT-weighted L1 there, over a drive's split.
+
+    python benchmarks/regression_gate_share.py --student RUN/checkpoints/last.safetensors \\
+        --teacher W/runs/teacher/checkpoints/last.safetensors --dataroot DRIVE --samples 24
+
+The student may be any student checkpoint (gated or not); the numbers describe the pair at the
+end of its training, not the gate's history during it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imkd_deploy.data.loader import NuScenesDrive
+from imkd_deploy.distill.checkpoint import load_model
+from imkd_deploy.distill.dataset import FrameDataset, collate, student_args, teacher_args
+from imkd_deploy.distill.losses import REG_CODE_WEIGHTS, dense_regression_targets, regression_maps, teacher_wins
+from imkd_deploy.model.head import HEAD_OUTPUTS
+
+
+def gate_share(student, teacher, dataset: FrameDataset, indices) -> dict[str, dict[str, float]]:
+    """Per head output: the teacher's winning share of the GT weight and both GT-weighted L1s."""
+    cfg = dataset.cfg
+    code = torch.tensor(REG_CODE_WEIGHTS).view(1, -1, 1, 1)
+    sums = np.zeros((3, len(HEAD_OUTPUTS)))
+    total = 0.0
+    with torch.no_grad():
+        for i in indices:
+            batch = collate([dataset[i]], cfg)
+            s = regression_maps(student.forward_train(*student_args(batch)))
+            t = regression_maps(teacher.forward_train(*teacher_args(batch)))
+            gt = dense_regression_targets(batch["index"], batch["mask"], batch["reg"], *batch["heatmap"].shape[-2:])
+            w = batch["heatmap"].amax(dim=1, keepdim=True)
+            per_channel = (teacher_wins(s, t, gt), (s - gt).abs() * code, (t - gt).abs() * code)
+            start = 0
+            for j, c in enumerate(HEAD_OUTPUTS.values()):
+                # the gate is one value per output (channel `start` holds it); errors sum over its channels
+                sums[0, j] += float((w * per_channel[0][:, start]).sum())
+                sums[1, j] += float((w * per_channel[1][:, start:start + c].sum(1, keepdim=True)).sum())
+                sums[2, j] += float((w * per_channel[2][:, start:start + c].sum(1, keepdim=True)).sum())
+                start += c
+            total += float(w.sum())
+    sums /= max(total, 1e-9)
+    return {name: {"teacher_wins": sums[0, j], "student_l1": sums[1, j], "teacher_l1": sums[2, j]}
+            for j, name in enumerate(HEAD_OUTPUTS)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", required=True, type=Path, help="student checkpoint (.safetensors)")
+    p.add_argument("--teacher", required=True, type=Path, help="teacher checkpoint it was distilled from")
+    p.add_argument("--dataroot", required=True, type=Path, help="drive written by `imkd data synth`")
+    p.add_argument("--version", default="v1.0-synth")
+    p.add_argument("--split", default="val")
+    p.add_argument("--samples", type=int, default=24, help="samples spread evenly over the split")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    student, ckpt = load_model(a.student)
+    teacher, _ = load_model(a.teacher)
+    cfg = ckpt.run_config.model
+    dataset = FrameDataset(NuScenesDrive(a.dataroot, a.version, cfg, split=a.split, load_lidar=True), cfg, "student")
+    indices = np.linspace(0, len(dataset) - 1, min(a.samples, len(dataset))).round().astype(int)
+    print(f"{a.student}: {len(indices)} {a.split} samples, GT-heatmap weighted")
+    for name, r in gate_share(student, teacher, dataset, indices).items():
+        print(f"  {name:7s} teacher closer on {r['teacher_wins']:.0%} of the weight; "
+              f"L1 student {r['student_l1']:.3f}, teacher {r['teacher_l1']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
