@@ -20,14 +20,13 @@ import torch
 from imkd_deploy.data.loader import NuScenesDrive
 from imkd_deploy.distill.checkpoint import load_model
 from imkd_deploy.distill.dataset import FrameDataset, collate, student_args, teacher_args
-from imkd_deploy.distill.losses import REG_CODE_WEIGHTS, dense_regression_targets, regression_maps, teacher_wins
+from imkd_deploy.distill.losses import dense_regression_targets, per_output_l1, regression_maps, teacher_wins
 from imkd_deploy.model.head import HEAD_OUTPUTS
 
 
 def gate_share(student, teacher, dataset: FrameDataset, indices) -> dict[str, dict[str, float]]:
     """Per head output: the teacher's winning share of the GT weight and both GT-weighted L1s."""
     cfg = dataset.cfg
-    code = torch.tensor(REG_CODE_WEIGHTS).view(1, -1, 1, 1)
     sums = np.zeros((3, len(HEAD_OUTPUTS)))
     total = 0.0
     with torch.no_grad():
@@ -37,14 +36,8 @@ def gate_share(student, teacher, dataset: FrameDataset, indices) -> dict[str, di
             t = regression_maps(teacher.forward_train(*teacher_args(batch)))
             gt = dense_regression_targets(batch["index"], batch["mask"], batch["reg"], *batch["heatmap"].shape[-2:])
             w = batch["heatmap"].amax(dim=1, keepdim=True)
-            per_channel = (teacher_wins(s, t, gt), (s - gt).abs() * code, (t - gt).abs() * code)
-            start = 0
-            for j, c in enumerate(HEAD_OUTPUTS.values()):
-                # the gate is one value per output (channel `start` holds it); errors sum over its channels
-                sums[0, j] += float((w * per_channel[0][:, start]).sum())
-                sums[1, j] += float((w * per_channel[1][:, start:start + c].sum(1, keepdim=True)).sum())
-                sums[2, j] += float((w * per_channel[2][:, start:start + c].sum(1, keepdim=True)).sum())
-                start += c
+            for k, per_output in enumerate((teacher_wins(s, t, gt), per_output_l1(s, gt), per_output_l1(t, gt))):
+                sums[k] += (w * per_output).sum(dim=(0, 2, 3)).numpy()
             total += float(w.sum())
     sums /= max(total, 1e-9)
     return {name: {"teacher_wins": sums[0, j], "student_l1": sums[1, j], "teacher_l1": sums[2, j]}

@@ -171,18 +171,17 @@ def dense_regression_targets(index: torch.Tensor, mask: torch.Tensor, reg: torch
     return dense.transpose(1, 2).reshape(b, -1, ny, nx)
 
 
+def per_output_l1(maps: torch.Tensor, target: torch.Tensor, code_weights: tuple[float, ...] = REG_CODE_WEIGHTS) -> torch.Tensor:
+    """Code-weighted L1 of each head output, its channels summed: (B, len(HEAD_OUTPUTS), ny, nx)."""
+    err = (maps - target).abs() * target.new_tensor(code_weights).view(1, -1, 1, 1)
+    return torch.cat([e.sum(dim=1, keepdim=True) for e in err.split(list(HEAD_OUTPUTS.values()), dim=1)], dim=1)
+
+
 def teacher_wins(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
                  code_weights: tuple[float, ...] = REG_CODE_WEIGHTS) -> torch.Tensor:
-    """1 where the teacher's regression of a head output (all its channels, code-weighted L1)
-    is closer to ``target`` than the student's, else 0: (B, 10, ny, nx) like the maps."""
-    code = target.new_tensor(code_weights).view(1, -1, 1, 1)
-    e_s, e_t = (student - target).abs() * code, (teacher - target).abs() * code
-    gates, start = [], 0
-    for c in HEAD_OUTPUTS.values():
-        win = e_t[:, start:start + c].sum(1, keepdim=True) < e_s[:, start:start + c].sum(1, keepdim=True)
-        gates.append(win.float().expand(-1, c, -1, -1))
-        start += c
-    return torch.cat(gates, dim=1)
+    """1 where the teacher's regression of a head output is closer to ``target`` than the
+    student's (per_output_l1), else 0: one map per output, (B, len(HEAD_OUTPUTS), ny, nx)."""
+    return (per_output_l1(teacher, target, code_weights) < per_output_l1(student, target, code_weights)).float()
 
 
 def response_regression_loss(student_out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor],
@@ -204,7 +203,8 @@ def response_regression_loss(student_out: dict[str, torch.Tensor], teacher_out: 
     student, teacher = regression_maps(student_out), regression_maps(teacher_out).detach()
     diff = (student - teacher).abs() * code
     if gate_target is not None:
-        diff = diff * teacher_wins(student.detach(), teacher, gate_target, code_weights)
+        win = teacher_wins(student.detach(), teacher, gate_target, code_weights)
+        diff = diff * win.repeat_interleave(torch.tensor(list(HEAD_OUTPUTS.values()), device=win.device), dim=1)
     return (w * diff.sum(dim=1, keepdim=True)).sum() / w.sum().clamp_min(EPS)
 
 
