@@ -3,7 +3,7 @@ each distillation level switched on or off, scored with the nuScenes metrics on 
 
     python benchmarks/distill_ablation.py --out benchmarks/results [--dataroot D]
         [--scenes 10 --samples 40] [--teacher-steps 1200 --student-steps 400] [--seed 0 --teacher-seed 0]
-        [--variants none,radar,fused,all,all-nofusion] [--workdir /tmp/imkd_ablation]
+        [--variants none,radar,fused,all,all-nofusion,...] [--workdir /tmp/imkd_ablation]
         [--set fused_at=encoder ...]
         [--w-radar 0.5 --w-fused 0.5] [--name distill_ablation_w05]
 
@@ -110,6 +110,8 @@ VARIANTS = {
     "radar": Variant("radar", "student", "radar", note="+ level 1: LiDAR->radar, intensity-aware"),
     "fused": Variant("fused", "student", "fused", note="+ level 2: LiDAR->fused, intensity-guided"),
     "resp": Variant("resp", "student", "resp", note="response distillation only: heatmaps (--set w_resp=W), regression maps (--set w_resp_reg=W)"),
+    "radar-resp": Variant("radar-resp", "student", "radar+resp", note="level 1 with the response terms: each level's share of IMKD"),
+    "fused-resp": Variant("fused-resp", "student", "fused+resp", note="level 2 with the response terms"),
     "all": Variant("all", "student", "all", note="levels 1+2, intensity-gated fusion (level 3): IMKD"),
     "all-nofusion": Variant("all-nofusion", "student", "all", intensity_fusion=False,
                             note="levels 1+2, fusion gate without the radar intensity prior"),

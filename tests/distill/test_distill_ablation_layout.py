@@ -128,3 +128,15 @@ def test_results_name_the_cpu_and_its_simd_level():
 
     name = distill_ablation.cpu_name()
     assert name.endswith(f", torch {torch.backends.cpu.get_cpu_capability()}") and len(name) > len(", torch ") + 4
+
+
+def test_one_level_variants_keep_the_response_terms():
+    """radar-resp / fused-resp: one feature level with the --set response terms, to measure each
+    level's share of IMKD (the "radar"/"fused" variants drop the response terms with the level)."""
+    gated = {"w_resp_reg": 1.0, "resp_reg_gate": True}
+    for name, on, off in (("radar-resp", "radar", "fused"), ("fused-resp", "fused", "radar")):
+        d = distill_ablation.run_config(distill_ablation.VARIANTS[name], 10, 2, 0, None, settings=gated).distill
+        assert d.enabled(on) and d.enabled("resp") and not d.enabled(off)
+        assert d.w_resp_reg == 1.0 and d.resp_reg_gate
+    plain = distill_ablation.run_config(distill_ablation.VARIANTS["radar"], 10, 2, 0, None, settings=gated).distill
+    assert not plain.enabled("resp")
