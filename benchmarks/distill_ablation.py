@@ -52,8 +52,8 @@ from pathlib import Path
 import torch
 
 from imkd_deploy.atomic import atomic_write_text
-from imkd_deploy.config import (SCENE_CONDITIONS, ConfigError, DistillConfig, ModelConfig, RunConfig, TrainConfig,
-                                 tiny)
+from imkd_deploy.config import (FIELD_LEVELS, SCENE_CONDITIONS, ConfigError, DistillConfig, ModelConfig, RunConfig,
+                                 TrainConfig, tiny)
 from imkd_deploy.data.synth import SynthConfig, write_drive
 from imkd_deploy.data.synth_conditions import NIGHT_EXPOSURE, NIGHT_LIGHTING
 from imkd_deploy.data.synth_radar import RADAR_CLUTTER, RADAR_RCS
@@ -463,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("levels", "intensity_fusion"):
         if key in settings:
             p.error(f"--set {key}=...: the variant sets {key}; choose variants with --variants")
+    # `--variants radar --set w_resp_reg=1` would train level 1 alone: "radar" has no response level
+    for key in settings:
+        if names and not any(DistillConfig(levels=VARIANTS[n].levels).acts_on(key) for n in names):
+            p.error(f"--set {key}=...: acts on level(s) {'/'.join(FIELD_LEVELS[key])}, which none of the variants "
+                    f"{','.join(names)} has (radar-resp / fused-resp: one feature level with the response terms)")
     try:
         DistillConfig.from_dict({**DistillConfig().to_dict(), **settings})
     except ConfigError as exc:

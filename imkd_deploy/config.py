@@ -201,6 +201,17 @@ class ModelConfig(_Serializable):
         self.grid.validate()
 
 
+# The distillation levels each DistillConfig field acts on (fields not named act on every run).
+# A field set for a run without any of its levels changes nothing, which a user should be told.
+FIELD_LEVELS = {
+    **dict.fromkeys(("w_radar", "lambda_on", "lambda_off", "lidar_weight"), ("radar",)),
+    **dict.fromkeys(("w_fused", "heatmap_eps", "fused_at", "fused_gate"), ("fused",)),
+    **dict.fromkeys(("feature_norm", "kd_channels", "adapter", "kd_until"), ("radar", "fused")),
+    **dict.fromkeys(("w_resp", "w_resp_reg", "resp_until", "resp_reg_skip", "resp_reg_gate"), ("resp",)),
+    "kd_skip": ("radar", "fused", "resp"),
+}
+
+
 @dataclass
 class DistillConfig(_Serializable):
     """IMKD loss weights. ``levels`` selects the ablation: none|radar|fused|all (or a+b)."""
@@ -224,6 +235,7 @@ class DistillConfig(_Serializable):
     resp_until: float | None = None  # the same schedule for w_resp and w_resp_reg, on its own
     resp_reg_skip: str = ""      # head outputs the regression KD leaves out, "+"-separated (offset|height|dims|rot|vel)
     resp_reg_gate: bool = False  # regression KD of a head output only at cells where the teacher beats the student on the GT
+    fused_gate: bool = False     # level 2's object weight only at cells where the teacher's box beats the student's on the GT
     kd_skip: str = ""            # scene conditions ("+"-separated day|rain|night) whose samples get no distillation at all
 
     @property
@@ -236,6 +248,10 @@ class DistillConfig(_Serializable):
         if "none" in parts:
             return False
         return "all" in parts or level in parts
+
+    def acts_on(self, field: str) -> bool:
+        """Whether ``field`` can change a run of these levels (FIELD_LEVELS)."""
+        return field not in FIELD_LEVELS or any(self.enabled(level) for level in FIELD_LEVELS[field])
 
     def validate(self) -> None:
         parts = set(self.levels.split("+"))

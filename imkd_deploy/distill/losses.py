@@ -115,9 +115,15 @@ def teacher_activation(feature: torch.Tensor) -> torch.Tensor:
 
 
 def fused_distill_loss(adapted_fused: torch.Tensor, teacher_feature: torch.Tensor, gt_heatmap: torch.Tensor,
-                       heatmap_eps: float, norm: bool = False) -> torch.Tensor:
-    """Level 2: w_f(c) = norm(mean_ch |F_T(c)|) * max(H(c), eps), H = GT heatmap max over classes."""
+                       heatmap_eps: float, norm: bool = False, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Level 2: w_f(c) = norm(mean_ch |F_T(c)|) * max(H(c) * g(c), eps), H = GT heatmap max over classes.
+
+    g = 1, or ``gate`` (B, 1, ny, nx) (teacher_wins_box): an object cell where the teacher's box
+    is the worse of the two gets only the background floor, so the student is not pulled toward
+    the features behind it (level 2 alone costs the student velocity: docs/method.md)."""
     h = gt_heatmap.amax(dim=1, keepdim=True)
+    if gate is not None:
+        h = h * gate
     w = teacher_activation(teacher_feature) * h.clamp_min(heatmap_eps)
     return weighted_feature_mse(adapted_fused, teacher_feature, w.detach(), norm)
 
@@ -182,6 +188,13 @@ def teacher_wins(student: torch.Tensor, teacher: torch.Tensor, target: torch.Ten
     """1 where the teacher's regression of a head output is closer to ``target`` than the
     student's (per_output_l1), else 0: one map per output, (B, len(HEAD_OUTPUTS), ny, nx)."""
     return (per_output_l1(teacher, target, code_weights) < per_output_l1(student, target, code_weights)).float()
+
+
+def teacher_wins_box(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 where the teacher's whole box (per_output_l1 summed over the head outputs) is closer to
+    ``target`` than the student's, else 0: (B, 1, ny, nx)."""
+    return (per_output_l1(teacher, target).sum(dim=1, keepdim=True)
+            < per_output_l1(student, target).sum(dim=1, keepdim=True)).float()
 
 
 def response_regression_loss(student_out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor],
@@ -275,17 +288,21 @@ class IMKDCriterion(nn.Module):
                                                    out["radar_occupancy"], d.lambda_on, d.lambda_off,
                                                    d.feature_norm)
             weights["radar_kd"] = d.w_radar * self.kd_scale
+        # the ground truth at every cell, for the gates that compare teacher and student
+        dense = (dense_regression_targets(batch["index"], batch["mask"], batch["reg"], *batch["heatmap"].shape[-2:])
+                 if (self.use_resp_reg and d.resp_reg_gate) or (self.use_fused and d.fused_gate) else None)
         if self.use_fused:
+            gate = (teacher_wins_box(regression_maps(out).detach(), regression_maps(teacher), dense)
+                    if d.fused_gate else None)
             terms["fused_kd"] = fused_distill_loss(self.fused_adapter(out[self.fused_key][:, :self.fused_in]), teacher["feature"],
-                                                   batch["heatmap"], d.heatmap_eps, d.feature_norm)
+                                                   batch["heatmap"], d.heatmap_eps, d.feature_norm, gate)
             weights["fused_kd"] = d.w_fused * self.kd_scale
         if self.use_resp:
             terms["resp_kd"] = response_distill_loss(out["heatmap"], teacher["heatmap"], centre_count(batch["heatmap"]))
             weights["resp_kd"] = d.w_resp * self.resp_scale
         if self.use_resp_reg:
-            gate = (dense_regression_targets(batch["index"], batch["mask"], batch["reg"], *batch["heatmap"].shape[-2:])
-                    if d.resp_reg_gate else None)
-            terms["resp_reg_kd"] = REG_WEIGHT * response_regression_loss(out, teacher, batch["heatmap"], self.resp_reg_code, gate)
+            terms["resp_reg_kd"] = REG_WEIGHT * response_regression_loss(out, teacher, batch["heatmap"], self.resp_reg_code,
+                                                                         dense if d.resp_reg_gate else None)
             weights["resp_reg_kd"] = d.w_resp_reg * self.resp_scale
         if not kept:
             terms.update({k: v * 0.0 for k, v in list(terms.items())[kd_terms:]})

@@ -140,3 +140,19 @@ def test_one_level_variants_keep_the_response_terms():
         assert d.w_resp_reg == 1.0 and d.resp_reg_gate
     plain = distill_ablation.run_config(distill_ablation.VARIANTS["radar"], 10, 2, 0, None, settings=gated).distill
     assert not plain.enabled("resp")
+
+
+def test_a_setting_no_variant_uses_is_an_error(capsys):
+    """`--variants radar --set w_resp_reg=1` once ran level 1 alone while meant with the term."""
+    for variants, setting, level in (("radar", "w_resp_reg=1", "resp"), ("none,resp", "kd_until=0.5", "radar/fused"),
+                                     ("fused", "lambda_off=0.5", "radar")):
+        with pytest.raises(SystemExit):
+            distill_ablation.main(["--out", "/tmp/unused", "--variants", variants, "--set", setting])
+        err = capsys.readouterr().err
+        assert f"--set {setting.split('=')[0]}=...: acts on level(s) {level}, which none of the variants {variants}" in err
+    # one variant that uses it is enough, and fields of every run (w_depth) pass anywhere: these stop
+    # only at the next check, the scene count
+    for variants, setting in (("radar,radar-resp", "w_resp_reg=1"), ("none", "w_depth=0.5"), ("resp", "kd_skip=night")):
+        with pytest.raises(SystemExit):
+            distill_ablation.main(["--out", "/tmp/unused", "--variants", variants, "--set", setting, "--scenes", "9"])
+        assert "--scenes must be >= 10" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from imkd_deploy.config import BEVGrid, ConfigError, DistillConfig, tiny
 from imkd_deploy.distill.dataset import training_sample
 from imkd_deploy.distill.depth_target import IGNORE, depth_bin_targets
 from imkd_deploy.distill.losses import (IMKDCriterion, dense_regression_targets, depth_loss, fused_distill_loss, gaussian_focal_loss, kd_code_weights,
-                                        radar_distill_loss, regression_l1, response_distill_loss,
+                                        radar_distill_loss, regression_l1, response_distill_loss, teacher_wins_box,
                                         regression_maps, response_regression_loss, weighted_feature_mse)
 from imkd_deploy.model.head import HEAD_OUTPUTS, build_targets
 from imkd_deploy.ops.bev_pool import example_rig
@@ -163,6 +163,48 @@ def test_gated_regression_distill_keeps_only_what_the_teacher_does_better():
                        for name, t in (("exact", exact), ("noisy", noisy))}
     assert terms[True]["exact"] == pytest.approx(terms[False]["exact"], rel=1e-6)
     assert 0 < terms[True]["noisy"] < 0.9 * terms[False]["noisy"]
+
+
+def test_gated_fused_distill_drops_object_cells_where_the_teacher_box_is_worse():
+    teacher_f = torch.ones(1, 4, 1, 3)                        # equal activation everywhere
+    student_f = torch.zeros(1, 4, 1, 3)                       # squared error 1 in cells 0 and 1
+    student_f[0, :, 0, 2] = 4.0                               # ... and 9 in cell 2
+    heat = torch.zeros(1, 10, 1, 3)
+    heat[0, 0] = torch.tensor([1.0, 0.5, 0.0])                # cell 2 is background: the floor 0.05
+    ungated = (1.0 * 1 + 0.5 * 1 + 0.05 * 9) / 1.55
+    assert float(fused_distill_loss(student_f, teacher_f, heat, 0.05)) == pytest.approx(ungated, rel=1e-6)
+    gate = torch.tensor([1.0, 0.0, 1.0]).view(1, 1, 1, 3)     # the teacher's box is worse at cell 1
+    gated = (1.0 * 1 + 0.05 * 1 + 0.05 * 9) / 1.1
+    assert float(fused_distill_loss(student_f, teacher_f, heat, 0.05, gate=gate)) == pytest.approx(gated, rel=1e-6)
+    # the box comparison sums every head output's code-weighted L1: a better size outweighs a worse heading
+    target = torch.zeros(1, 10, 1, 3)
+    student, teacher = torch.zeros(1, 10, 1, 3), torch.zeros(1, 10, 1, 3)
+    student[0, 3:6, 0, 0], teacher[0, 6, 0, 0] = 1.0, 0.5     # cell 0: student size 3 off, teacher heading 0.5
+    student[0, 6, 0, 1], teacher[0, 8, 0, 1] = 0.1, 1.0       # cell 1: velocity counts 0.2: 0.2 > 0.1
+    assert teacher_wins_box(student, teacher, target).flatten().tolist() == [1.0, 0.0, 0.0]   # a tie is no win
+    # in the criterion, behind the config flag: a teacher at the box's own targets keeps every weight
+    cfg = tiny().replace(fused_channels=12, bev_encoder_channels=12)
+    grid = cfg.grid
+    batch = _one_box_batch(grid)
+    r = _maps(4)
+    out = _student_out(r, grid, fused=r(1, 12, grid.ny, grid.nx))
+    dense = dense_regression_targets(batch["index"], batch["mask"], batch["reg"], grid.ny, grid.nx)
+    exact = dict(zip(HEAD_OUTPUTS, dense.split(list(HEAD_OUTPUTS.values()), dim=1)))
+    worse = {k: v + 5.0 for k, v in exact.items()}            # the student (N(0, 1) off) wins everywhere
+    terms = {}
+    for gate in (False, True):
+        torch.manual_seed(0)                                  # the same adapter for both
+        crit = IMKDCriterion(cfg, DistillConfig(levels="fused", fused_gate=gate), "student")
+        terms[gate] = {name: crit(out, batch, {"feature": torch.ones(1, 12, grid.ny, grid.nx), **t})["fused_kd"].item()
+                       for name, t in (("exact", exact), ("worse", worse))}
+    assert terms[True]["exact"] == pytest.approx(terms[False]["exact"], rel=1e-6)
+    assert terms[False]["worse"] == pytest.approx(terms[False]["exact"], rel=1e-6)   # ungated: the boxes do not matter
+    # a teacher worse everywhere leaves only the floor: the term of a GT heatmap without objects
+    with torch.no_grad():
+        floor_only = float(fused_distill_loss(crit.fused_adapter(out["fused"]), torch.ones(1, 12, grid.ny, grid.nx),
+                                              torch.zeros_like(batch["heatmap"]), 0.05))
+    assert terms[True]["worse"] == pytest.approx(floor_only, rel=1e-6)
+    assert floor_only != pytest.approx(terms[False]["worse"], rel=1e-4)
 
 
 def test_radar_distill_weights_follow_lidar_intensity_and_radar_hits():
