@@ -1,6 +1,7 @@
 """How much of the regression response term the gate (``DistillConfig.resp_reg_gate``) keeps:
 for each head output, the share of the GT-heatmap weight on which the teacher is closer to the
-ground truth than a student, and both models' GT-weighted L1 there, over a drive's split.
+ground truth than a student, and both models' GT-weighted L1 there, over a drive's split. The
+row "box" is level 2's gate (``DistillConfig.fused_gate``): the teacher's whole box closer.
 
     python benchmarks/regression_gate_share.py --student RUN/checkpoints/last.safetensors \\
         --teacher W/runs/teacher/checkpoints/last.safetensors --dataroot DRIVE --samples 24
@@ -20,14 +21,16 @@ import torch
 from imkd_deploy.data.loader import NuScenesDrive
 from imkd_deploy.distill.checkpoint import load_model
 from imkd_deploy.distill.dataset import FrameDataset, collate, student_args, teacher_args
-from imkd_deploy.distill.losses import dense_regression_targets, per_output_l1, regression_maps, teacher_wins
+from imkd_deploy.distill.losses import dense_regression_targets, per_output_l1, regression_maps, teacher_wins, teacher_wins_box
 from imkd_deploy.model.head import HEAD_OUTPUTS
 
 
 def gate_share(student, teacher, dataset: FrameDataset, indices) -> dict[str, dict[str, float]]:
-    """Per head output: the teacher's winning share of the GT weight and both GT-weighted L1s."""
+    """Per head output, and for the whole box ("box"): the teacher's winning share of the GT
+    weight and both GT-weighted L1s."""
     cfg = dataset.cfg
-    sums = np.zeros((3, len(HEAD_OUTPUTS)))
+    names = [*HEAD_OUTPUTS, "box"]
+    sums = np.zeros((3, len(names)))
     total = 0.0
     with torch.no_grad():
         for i in indices:
@@ -36,12 +39,14 @@ def gate_share(student, teacher, dataset: FrameDataset, indices) -> dict[str, di
             t = regression_maps(teacher.forward_train(*teacher_args(batch)))
             gt = dense_regression_targets(batch["index"], batch["mask"], batch["reg"], *batch["heatmap"].shape[-2:])
             w = batch["heatmap"].amax(dim=1, keepdim=True)
-            for k, per_output in enumerate((teacher_wins(s, t, gt), per_output_l1(s, gt), per_output_l1(t, gt))):
-                sums[k] += (w * per_output).sum(dim=(0, 2, 3)).numpy()
+            s_l1, t_l1 = per_output_l1(s, gt), per_output_l1(t, gt)
+            box = (teacher_wins_box(s, t, gt), s_l1.sum(dim=1, keepdim=True), t_l1.sum(dim=1, keepdim=True))
+            for k, per_output in enumerate((teacher_wins(s, t, gt), s_l1, t_l1)):
+                sums[k] += (w * torch.cat([per_output, box[k]], dim=1)).sum(dim=(0, 2, 3)).numpy()
             total += float(w.sum())
     sums /= max(total, 1e-9)
     return {name: {"teacher_wins": sums[0, j], "student_l1": sums[1, j], "teacher_l1": sums[2, j]}
-            for j, name in enumerate(HEAD_OUTPUTS)}
+            for j, name in enumerate(names)}
 
 
 def main(argv=None) -> None:

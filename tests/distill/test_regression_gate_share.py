@@ -40,8 +40,10 @@ def test_teacher_share_is_zero_against_the_truth_and_one_against_a_far_student()
         truth.append(dense_regression_targets(b["index"], b["mask"], b["reg"], *b["heatmap"].shape[-2:]))
     exact = regression_gate_share.gate_share(_StubStudent(truth), teacher, dataset, [0, 1])
     far = regression_gate_share.gate_share(_StubStudent([t + 100.0 for t in truth]), teacher, dataset, [0, 1])
-    for name in HEAD_OUTPUTS:
+    for name in (*HEAD_OUTPUTS, "box"):
         assert exact[name]["teacher_wins"] == 0 and exact[name]["student_l1"] == 0
         assert exact[name]["teacher_l1"] > 0
         assert far[name]["teacher_wins"] == pytest.approx(1.0)
         assert far[name]["teacher_l1"] == pytest.approx(exact[name]["teacher_l1"])
+    # the box row sums the outputs' L1s
+    assert far["box"]["student_l1"] == pytest.approx(sum(far[n]["student_l1"] for n in HEAD_OUTPUTS))
