@@ -246,7 +246,7 @@ def test_criterion_distillation_terms_vanish_when_adapted_student_equals_teacher
     crit.kd_scale = 0.25
     terms3 = crit(student2, batch, teacher)
     assert float(terms3["total"].detach()) == pytest.approx(float(terms2["total"].detach()) - 0.75 * kd, rel=1e-6)
-    assert float(terms3["radar_kd"]) == pytest.approx(float(terms2["radar_kd"]))       # logged unscaled
+    assert float(terms3["radar_kd"].detach()) == pytest.approx(float(terms2["radar_kd"].detach()))       # logged unscaled
     # resp_scale (DistillConfig.resp_until's schedule) scales the two response terms alone
     crit.kd_scale, crit.resp_scale = 1.0, 0.0
     terms4 = crit(student2, batch, teacher)
