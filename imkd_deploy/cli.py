@@ -136,6 +136,7 @@ def train_cmd(
     import os
     import time
 
+    from imkd_deploy.config import FIELD_LEVELS
     from imkd_deploy.distill.trainer import resolve_run_config, train
 
     if role not in ("teacher", "student"):
@@ -147,6 +148,11 @@ def train_cmd(
         run = resolve_run_config(config, distill=distill, max_steps=max_steps, seed=seed, batch_size=batch_size)
         if role == "teacher":
             run = run.replace(distill=run.distill.replace(levels="none").to_dict())
+        elif rank == 0:
+            # a setting of a level the run leaves off trains exactly as without it: say so before hours of training
+            for name, value in run.distill.idle_settings().items():
+                console.print(f"[yellow]warning:[/] distill.{name}={value} acts on level(s) {'/'.join(FIELD_LEVELS[name])}, "
+                              f"which distill '{run.distill.levels}' leaves off: it changes nothing")
         t0 = time.perf_counter()
         if rank == 0:
             console.print(f"train {role}: config {run.model.name}, {run.train.max_steps} steps, batch {run.train.batch_size}, "

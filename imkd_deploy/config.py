@@ -207,7 +207,7 @@ FIELD_LEVELS = {
     **dict.fromkeys(("w_radar", "lambda_on", "lambda_off", "lidar_weight"), ("radar",)),
     **dict.fromkeys(("w_fused", "heatmap_eps", "fused_at", "fused_gate"), ("fused",)),
     **dict.fromkeys(("feature_norm", "kd_channels", "adapter", "kd_until"), ("radar", "fused")),
-    **dict.fromkeys(("w_resp", "w_resp_reg", "resp_until", "resp_reg_skip", "resp_reg_gate"), ("resp",)),
+    **dict.fromkeys(("w_resp", "w_resp_reg", "resp_until", "resp_reg_skip", "resp_reg_gate", "resp_gate"), ("resp",)),
     "kd_skip": ("radar", "fused", "resp"),
 }
 
@@ -235,6 +235,7 @@ class DistillConfig(_Serializable):
     resp_until: float | None = None  # the same schedule for w_resp and w_resp_reg, on its own
     resp_reg_skip: str = ""      # head outputs the regression KD leaves out, "+"-separated (offset|height|dims|rot|vel)
     resp_reg_gate: bool = False  # regression KD of a head output only at cells where the teacher beats the student on the GT
+    resp_gate: bool = False      # heatmap KD of a class only at cells where the teacher's heatmap is nearer the GT's than the student's
     fused_gate: bool = False     # level 2's object weight only at cells where the teacher's box beats the student's on the GT
     kd_skip: str = ""            # scene conditions ("+"-separated day|rain|night) whose samples get no distillation at all
 
@@ -252,6 +253,11 @@ class DistillConfig(_Serializable):
     def acts_on(self, field: str) -> bool:
         """Whether ``field`` can change a run of these levels (FIELD_LEVELS)."""
         return field not in FIELD_LEVELS or any(self.enabled(level) for level in FIELD_LEVELS[field])
+
+    def idle_settings(self) -> dict[str, object]:
+        """Fields set away from their defaults that none of the enabled levels reads."""
+        default = DistillConfig()
+        return {f: getattr(self, f) for f in FIELD_LEVELS if getattr(self, f) != getattr(default, f) and not self.acts_on(f)}
 
     def validate(self) -> None:
         parts = set(self.levels.split("+"))

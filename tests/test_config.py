@@ -50,3 +50,24 @@ def test_distill_levels():
     assert DistillConfig.from_dict({"levels": "radar"}).enabled("radar")
     with pytest.raises(ConfigError):
         DistillConfig.from_dict({"levels": "lidar"})
+
+
+def test_settings_of_levels_left_off_are_named(tmp_path):
+    from typer.testing import CliRunner
+
+    from imkd_deploy.cli import app
+    from imkd_deploy.config import DistillConfig
+
+    d = DistillConfig(levels="radar", w_resp_reg=1.0, resp_gate=True, lambda_off=0.0, kd_until=0.5)
+    assert d.idle_settings() == {"w_resp_reg": 1.0, "resp_gate": True}      # level 1 reads lambda_off and kd_until
+    assert DistillConfig(levels="all", w_resp_reg=1.0, resp_gate=True).idle_settings() == {}
+    assert DistillConfig(levels="none").idle_settings() == {}               # defaults are never named
+    # imkd train warns before it trains (here it then fails on the missing drive)
+    cfg = tmp_path / "run.json"
+    cfg.write_text(RunConfig(distill=d).to_json())
+    result = CliRunner().invoke(app, ["train", "student", "--config", str(cfg), "--dataroot", str(tmp_path / "nowhere"),
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0
+    text = " ".join(result.output.split())
+    assert "distill.w_resp_reg=1.0 acts on level(s) resp, which distill 'radar' leaves off" in text
+    assert "distill.resp_gate=True" in text and "lambda_off" not in text

@@ -129,7 +129,7 @@ def fused_distill_loss(adapted_fused: torch.Tensor, teacher_feature: torch.Tenso
 
 
 def response_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, num_centres: torch.Tensor | float,
-                          gamma: float = 2.0) -> torch.Tensor:
+                          gamma: float = 2.0, gt_heatmap: torch.Tensor | None = None) -> torch.Tensor:
     """Binary KL(teacher || student) of each class-heatmap cell, weighted by |p_t - p_s|^gamma,
     summed and divided by the number of GT centres.
 
@@ -138,11 +138,18 @@ def response_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Te
     64x64x10 map nearly every cell is easy background. The weight is Quality Focal Loss's
     modulation (Li et al., GFL), detached like the other levels' weights: it chooses where to
     imitate, so the few cells where teacher and student disagree are not drowned by the many
-    where both say "nothing"."""
+    where both say "nothing".
+
+    ``gt_heatmap`` (the GT Gaussians, per class) gates it like the regression term's
+    ``resp_reg_gate``: a class cell counts only where the teacher's probability is nearer the GT
+    heatmap than the student's, so the teacher's false positives and missed objects teach nothing
+    (ungated heatmap imitation cost NDS in round 9; the teacher's heatmap is its strongest side)."""
     s, t = student_logits.float(), teacher_logits.float()
-    p_t = torch.sigmoid(t)
+    p_t, p_s = torch.sigmoid(t), torch.sigmoid(s).detach()
     kl = p_t * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p_t) * (F.logsigmoid(-t) - F.logsigmoid(-s))
-    w = (p_t - torch.sigmoid(s)).abs().pow(gamma).detach()
+    w = (p_t - p_s).abs().pow(gamma).detach()
+    if gt_heatmap is not None:
+        w = w * ((p_t - gt_heatmap).abs() < (p_s - gt_heatmap).abs()).float()
     return (w * kl).sum() / torch.as_tensor(num_centres, dtype=torch.float32).clamp_min(1.0)
 
 
@@ -298,7 +305,8 @@ class IMKDCriterion(nn.Module):
                                                    batch["heatmap"], d.heatmap_eps, d.feature_norm, gate)
             weights["fused_kd"] = d.w_fused * self.kd_scale
         if self.use_resp:
-            terms["resp_kd"] = response_distill_loss(out["heatmap"], teacher["heatmap"], centre_count(batch["heatmap"]))
+            terms["resp_kd"] = response_distill_loss(out["heatmap"], teacher["heatmap"], centre_count(batch["heatmap"]),
+                                                     gt_heatmap=batch["heatmap"] if d.resp_gate else None)
             weights["resp_kd"] = d.w_resp * self.resp_scale
         if self.use_resp_reg:
             terms["resp_reg_kd"] = REG_WEIGHT * response_regression_loss(out, teacher, batch["heatmap"], self.resp_reg_code,

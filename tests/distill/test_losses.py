@@ -73,6 +73,39 @@ def test_response_distill_is_focal_weighted_kl_per_gt_centre():
     assert torch.allclose(s_req.grad, w * (ps - pt), atol=1e-6)
 
 
+def test_gated_response_distill_keeps_only_cells_where_the_teacher_heatmap_is_nearer_the_gt():
+    gt = torch.tensor([1.0, 0.0, 0.5, 0.0]).view(1, 1, 1, 4)
+    t = torch.tensor([3.0, 2.0, -3.0, -3.0]).view(1, 1, 1, 4)      # teacher logits
+    s = torch.tensor([0.0, -2.0, 0.0, 0.0]).view(1, 1, 1, 4)       # student logits
+    # cell 0: a GT centre the teacher sees (0.95) and the student half does: taught
+    # cell 1: the teacher's false positive (0.88 on background): not taught
+    # cell 2: GT 0.5, teacher 0.05 and student 0.5: the student is nearer, not taught
+    # cell 3: background both call empty, the teacher more firmly: taught
+    pt, ps = torch.sigmoid(t), torch.sigmoid(s)
+    kl = pt * torch.log(pt / ps) + (1 - pt) * torch.log((1 - pt) / (1 - ps))
+    each = ((pt - ps).abs() ** 2 * kl).flatten()
+    assert float(response_distill_loss(s, t, 1)) == pytest.approx(float(each.sum()), rel=1e-5)
+    assert float(response_distill_loss(s, t, 1, gt_heatmap=gt)) == pytest.approx(float(each[0] + each[3]), rel=1e-5)
+    # the gate reads the student without a gradient: the kept cells' gradient is the ungated one's
+    s_req = s.clone().requires_grad_(True)
+    response_distill_loss(s_req, t, 1, gt_heatmap=gt).backward()
+    w = (pt - ps).abs() ** 2 * torch.tensor([1.0, 0.0, 0.0, 1.0]).view(1, 1, 1, 4)
+    assert torch.allclose(s_req.grad, w * (ps - pt), atol=1e-6)
+    # in the criterion, behind the config flag: a teacher at the GT heatmap wins wherever the student errs
+    grid = tiny().grid
+    batch = _one_box_batch(grid)
+    r = _maps(5)
+    out = _student_out(r, grid)
+    exact = torch.logit(batch["heatmap"].clamp(1e-4, 1 - 1e-4))
+    terms = {}
+    for gate in (False, True):
+        crit = IMKDCriterion(tiny(), DistillConfig(levels="resp", w_resp=1.0, resp_gate=gate), "student")
+        terms[gate] = {name: float(crit(out, batch, {"heatmap": h, **{k: out[k] for k in HEAD_OUTPUTS}})["resp_kd"])
+                       for name, h in (("exact", exact), ("flipped", -exact))}
+    assert terms[True]["exact"] == pytest.approx(terms[False]["exact"], rel=1e-4)
+    assert 0 <= terms[True]["flipped"] < 0.5 * terms[False]["flipped"]
+
+
 def test_response_regression_distill_is_code_weighted_l1_over_the_gt_gaussian():
     def maps(vel_x: float, size: float) -> dict:
         out = {k: torch.zeros(1, c, 1, 3) for k, c in HEAD_OUTPUTS.items()}
