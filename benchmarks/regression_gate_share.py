@@ -43,8 +43,8 @@ def gate_share(student, teacher, dataset: FrameDataset, indices) -> dict[str, di
             h = batch["heatmap"]
             heat += [float(response_distill_loss(s_out["heatmap"], t_out["heatmap"], 1, gt_heatmap=h)),
                      float(response_distill_loss(s_out["heatmap"], t_out["heatmap"], 1)),
-                     float((h * (torch.sigmoid(t_out["heatmap"]) - h).abs()).sum() / h.sum().clamp_min(1e-9)),
-                     float((h * (torch.sigmoid(s_out["heatmap"]) - h).abs()).sum() / h.sum().clamp_min(1e-9))]
+                     *(float((h * (torch.sigmoid(o["heatmap"]) - h).abs()).sum() / h.sum().clamp_min(1e-9))
+                       for o in (t_out, s_out))]
             s, t = regression_maps(s_out), regression_maps(t_out)
             gt = dense_regression_targets(batch["index"], batch["mask"], batch["reg"], *batch["heatmap"].shape[-2:])
             w = batch["heatmap"].amax(dim=1, keepdim=True)
