@@ -222,6 +222,7 @@ class DistillConfig(_Serializable):
     w_fused: float = 1.0         # level 2: LiDAR -> fused, intensity-guided
     w_resp: float = 0.0          # optional response distillation on heatmaps
     w_resp_reg: float = 0.0      # ... and on the regression maps around GT centres (scale: the reg loss's)
+    w_dense_reg: float = 0.0     # GT regression L1 at every cell of the GT Gaussians, not the centre only (scale: the reg loss's)
     lambda_on: float = 1.0       # level-1 weight where radar hits a cell
     lambda_off: float = 0.2      # ... and where it does not
     heatmap_eps: float = 0.05    # level-2 floor on the GT heatmap weight

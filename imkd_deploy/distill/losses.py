@@ -218,13 +218,31 @@ def response_regression_loss(student_out: dict[str, torch.Tensor], teacher_out: 
     where the teacher is the closer of the two to it (Chen et al. 2017's teacher-bounded
     regression, per cell): the teacher's heading and attributes are no better than the
     student's overall, but are at some cells, and the gate finds which."""
-    w = gt_heatmap.amax(dim=1, keepdim=True).detach()
-    code = gt_heatmap.new_tensor(code_weights).view(1, -1, 1, 1)
     student, teacher = regression_maps(student_out), regression_maps(teacher_out).detach()
-    diff = (student - teacher).abs() * code
+    keep = None
     if gate_target is not None:
         win = teacher_wins(student.detach(), teacher, gate_target, code_weights)
-        diff = diff * win.repeat_interleave(torch.tensor(list(HEAD_OUTPUTS.values()), device=win.device), dim=1)
+        keep = win.repeat_interleave(torch.tensor(list(HEAD_OUTPUTS.values()), device=win.device), dim=1)
+    return gaussian_weighted_l1(student, teacher, gt_heatmap, code_weights, keep)
+
+
+def dense_regression_loss(out: dict[str, torch.Tensor], dense_target: torch.Tensor, gt_heatmap: torch.Tensor) -> torch.Tensor:
+    """The detection loss's regression L1 at every cell of the GT Gaussians instead of the centre
+    cell only, against ``dense_target`` (dense_regression_targets), weighted like the regression KD.
+
+    The control for that term: it gives the student the same dense supervision from the ground
+    truth alone, so what the teacher adds beyond density can be told apart."""
+    return gaussian_weighted_l1(regression_maps(out), dense_target, gt_heatmap)
+
+
+def gaussian_weighted_l1(maps: torch.Tensor, target: torch.Tensor, gt_heatmap: torch.Tensor,
+                         code_weights: tuple[float, ...] = REG_CODE_WEIGHTS, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_c H(c) * sum_k w_k |maps - target|_k(c) / sum_c H(c), with H the GT heatmap (max over
+    classes) and w the code weights; ``keep`` (0/1 per channel and cell) drops channels' cells."""
+    w = gt_heatmap.amax(dim=1, keepdim=True).detach()
+    diff = (maps - target).abs() * gt_heatmap.new_tensor(code_weights).view(1, -1, 1, 1)
+    if keep is not None:
+        diff = diff * keep
     return (w * diff.sum(dim=1, keepdim=True)).sum() / w.sum().clamp_min(EPS)
 
 
@@ -277,6 +295,14 @@ class IMKDCriterion(nn.Module):
         if self.role == "student":
             terms["depth"] = depth_loss(out["depth_logits"], batch["depth_target"])
             weights["depth"] = d.w_depth
+        if d.w_dense_reg > 0 or (self.use_resp_reg and d.resp_reg_gate) or (self.use_fused and d.fused_gate):
+            # the ground truth at every cell: the dense regression loss's target, and that of the
+            # gates that compare teacher and student (in the batch, so kd_keep's rows take it along)
+            batch = {**batch, "dense_target": dense_regression_targets(batch["index"], batch["mask"], batch["reg"],
+                                                                       *batch["heatmap"].shape[-2:])}
+        if d.w_dense_reg > 0:
+            terms["dense_reg"] = REG_WEIGHT * dense_regression_loss(out, batch["dense_target"], batch["heatmap"])
+            weights["dense_reg"] = d.w_dense_reg
         if self.needs_teacher and teacher is None:
             raise ValueError("distillation levels are enabled but no teacher outputs were given")
         kd_terms, kept = len(terms), True
@@ -295,9 +321,7 @@ class IMKDCriterion(nn.Module):
                                                    out["radar_occupancy"], d.lambda_on, d.lambda_off,
                                                    d.feature_norm)
             weights["radar_kd"] = d.w_radar * self.kd_scale
-        # the ground truth at every cell, for the gates that compare teacher and student
-        dense = (dense_regression_targets(batch["index"], batch["mask"], batch["reg"], *batch["heatmap"].shape[-2:])
-                 if (self.use_resp_reg and d.resp_reg_gate) or (self.use_fused and d.fused_gate) else None)
+        dense = batch.get("dense_target")
         if self.use_fused:
             gate = (teacher_wins_box(regression_maps(out).detach(), regression_maps(teacher), dense)
                     if d.fused_gate else None)

@@ -12,7 +12,7 @@ from fake_frames import fake_frames
 from imkd_deploy.config import BEVGrid, ConfigError, DistillConfig, tiny
 from imkd_deploy.distill.dataset import training_sample
 from imkd_deploy.distill.depth_target import IGNORE, depth_bin_targets
-from imkd_deploy.distill.losses import (IMKDCriterion, dense_regression_targets, depth_loss, fused_distill_loss, gaussian_focal_loss, kd_code_weights,
+from imkd_deploy.distill.losses import (IMKDCriterion, dense_regression_loss, dense_regression_targets, depth_loss, fused_distill_loss, gaussian_focal_loss, kd_code_weights,
                                         radar_distill_loss, regression_l1, response_distill_loss, teacher_wins_box,
                                         regression_maps, response_regression_loss, weighted_feature_mse)
 from imkd_deploy.model.head import HEAD_OUTPUTS, build_targets
@@ -161,6 +161,36 @@ def test_dense_regression_targets_aim_each_cell_at_its_nearest_gt_centre():
     pair = (torch.cat([batch["index"]] * 2), torch.cat([batch["mask"], empty]), torch.cat([batch["reg"]] * 2))
     two = dense_regression_targets(*pair, grid.ny, grid.nx)
     assert torch.equal(two[0], dense) and not two[1].any()
+
+
+def test_dense_regression_loss_supervises_every_gaussian_cell_with_its_owners_box():
+    grid = tiny().grid
+    batch = _one_box_batch(grid)
+    dense = dense_regression_targets(batch["index"], batch["mask"], batch["reg"], grid.ny, grid.nx)
+    exact = dict(zip(HEAD_OUTPUTS, dense.split(list(HEAD_OUTPUTS.values()), dim=1)))
+    assert float(dense_regression_loss(exact, dense, batch["heatmap"])) == 0
+    # an error of 1 in the height channel at one off-centre cell of the Gaussian: code weight 1,
+    # weighted by that cell's heatmap value over the Gaussian's sum
+    iy, ix = divmod(int(batch["index"][0, 0]), grid.nx)
+    h = batch["heatmap"].amax(dim=1)[0]
+    assert 0 < float(h[iy, ix + 1]) < 1
+    off = {k: v.clone() for k, v in exact.items()}
+    off["height"][0, 0, iy, ix + 1] += 1.0
+    expected = float(h[iy, ix + 1] / h.sum())
+    assert float(dense_regression_loss(off, dense, batch["heatmap"])) == pytest.approx(expected, rel=1e-5)
+    # the centre-cell L1 of the detection loss does not see that cell; the dense term does
+    assert float(regression_l1(off, batch["index"], batch["mask"], batch["reg"])) == 0
+    # in the criterion: a GT term of its own weight, in either role, with no teacher needed
+    r = _maps(5)
+    out = _student_out(r, grid, **off)
+    for role in ("student", "teacher"):
+        plain = IMKDCriterion(tiny(), DistillConfig(levels="none"), role)(out, batch)
+        crit = IMKDCriterion(tiny(), DistillConfig(levels="none", w_dense_reg=2.0), role)
+        assert not crit.needs_teacher
+        terms = crit(out, batch)
+        assert "dense_reg" not in plain
+        assert float(terms["dense_reg"]) == pytest.approx(0.25 * expected, rel=1e-5)
+        assert float(terms["total"]) == pytest.approx(float(plain["total"]) + 2.0 * 0.25 * expected, rel=1e-5)
 
 
 def test_gated_regression_distill_keeps_only_what_the_teacher_does_better():
