@@ -23,7 +23,7 @@ from pathlib import Path
 from scipy import stats
 
 from imkd_deploy.atomic import atomic_write_text
-from imkd_deploy.config import SCENE_CONDITIONS, tiny
+from imkd_deploy.config import SCENE_CONDITIONS, DistillConfig, tiny
 
 SAME = ("teacher_steps", "student_steps", "batch_size", "val_samples")
 
@@ -61,12 +61,16 @@ def _interval(values: list[float]) -> str:
 
 def _label(row: dict, meta: dict) -> str:
     """Row name: the variant, plus the settings it trained with when a file sets any, so one
-    table can hold e.g. ``all`` and ``all (fused_at=encoder)``. The teacher and the plain
-    student do not depend on them."""
-    if row["variant"] in ("teacher", "none"):
+    table can hold e.g. ``all`` and ``all (fused_at=encoder)``. The teacher depends on none of
+    them, the plain student only on those that act without a distillation level (``none
+    (w_dense_reg=1)`` is another baseline, not the plain student)."""
+    if row["variant"] == "teacher":
         return row["variant"]
-    extra = {**{k: v for k, v in (row.get("weights") or {}).items() if meta.get(k) is not None},
-             **(meta.get("settings") or {})}
+    settings = meta.get("settings") or {}
+    if row["variant"] == "none":
+        settings = {k: v for k, v in settings.items() if DistillConfig(levels="none").acts_on(k)}
+    extra = {**{k: v for k, v in (row.get("weights") or {}).items() if meta.get(k) is not None and row["variant"] != "none"},
+             **settings}
     return row["variant"] + (" (" + ", ".join(f"{k}={v}" for k, v in extra.items()) + ")" if extra else "")
 
 

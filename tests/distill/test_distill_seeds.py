@@ -50,6 +50,18 @@ def test_paired_deltas_and_seed_alignment(tmp_path):
     assert radar[6] == "—"  # one pair gives no interval
 
 
+def test_a_plain_student_with_a_loss_setting_is_its_own_row_paired_with_the_plain_student(tmp_path):
+    # kd_until acts on no plain student: that row stays the plain student; w_dense_reg (a detection
+    # loss) makes another baseline, which must not replace it in the pairing
+    files = [_write(tmp_path, "s0", 0, [_row("none", 0.400, 0.300), _row("all", 0.420, 0.310)], settings={"kd_until": 0.5}),
+             _write(tmp_path, "d0", 0, [_row("none", 0.410, 0.320)], settings={"w_dense_reg": 1})]
+    table = distill_seeds.summarise(files)
+    assert _table_row(table, "none")[2] == "0.400"
+    dense = _table_row(table, "none (w_dense_reg=1)")
+    assert dense[2] == "0.410" and dense[5] == "+1.0 (+1.0)"
+    assert _table_row(table, "all (kd_until=0.5)")[5] == "+2.0 (+2.0)"
+
+
 def test_says_when_the_seeds_files_hold_different_teachers(tmp_path):
     teacher = {**_row("teacher", 0.634, 0.60), "role": "teacher"}
     same = [_write(tmp_path, f"s{s}", s, [teacher, _row("none", 0.4, 0.3)]) for s in (0, 1)]
