@@ -69,7 +69,7 @@ def _label(row: dict, meta: dict) -> str:
     settings = meta.get("settings") or {}
     if row["variant"] == "none":
         settings = {k: v for k, v in settings.items() if DistillConfig(levels="none").acts_on(k)}
-    extra = {**{k: v for k, v in (row.get("weights") or {}).items() if meta.get(k) is not None and row["variant"] != "none"},
+    extra = {**{k: v for k, v in (row.get("weights") or {}).items() if meta.get(k) is not None},
              **settings}
     return row["variant"] + (" (" + ", ".join(f"{k}={v}" for k, v in extra.items()) + ")" if extra else "")
 
